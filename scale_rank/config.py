@@ -1,0 +1,370 @@
+"""Typed run configuration: dataclasses, YAML loading, `key=value` overrides and validation.
+
+Every check that can fail a run happens here, before a model is loaded, with a message that says what
+to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Methods. Every constant of METHODS.md is a field here with the paper's value as default.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodConfig:
+    """Fields shared by every method."""
+
+    name: str = ""
+    alpha: float = 16.0
+    dropout: float = 0.0
+    gamma: float = 0.0  # orthogonality regularizer weight (AdaLoRA, IncreLoRA)
+
+    def validate(self, total_steps: int | None) -> None:
+        if self.alpha <= 0:
+            raise ConfigError(f"method.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        if self.gamma < 0:
+            raise ConfigError(f"method.gamma must be >= 0, got {self.gamma}")
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    name: str = "lora"
+    r: int = 8
+
+    def validate(self, total_steps: int | None) -> None:
+        super().validate(total_steps)
+        _positive("method.r", self.r)
+
+
+@dataclass
+class AdaLoRAConfig(MethodConfig):
+    name: str = "adalora"
+    alpha: float = 32.0
+    gamma: float = 0.1
+    r_init: int = 12
+    r_target: int = 8
+    beta1: float = 0.85
+    beta2: float = 0.85
+    t_init: int | None = None  # None: 10% of total steps
+    t_final: int | None = None  # None: 30% of total steps
+    delta_t: int = 10
+
+    def resolved_phases(self, total_steps: int) -> tuple[int, int]:
+        t_init = self.t_init if self.t_init is not None else round(0.1 * total_steps)
+        t_final = self.t_final if self.t_final is not None else round(0.3 * total_steps)
+        return t_init, t_final
+
+    def validate(self, total_steps: int | None) -> None:
+        super().validate(total_steps)
+        _positive("method.r_init", self.r_init)
+        _non_negative("method.r_target", self.r_target)
+        _positive("method.delta_t", self.delta_t)
+        _beta("method.beta1", self.beta1)
+        _beta("method.beta2", self.beta2)
+        if self.r_target > self.r_init:
+            raise ConfigError(
+                f"method.r_target ({self.r_target}) exceeds method.r_init ({self.r_init}): AdaLoRA only "
+                "prunes; raise r_init or lower r_target")
+        for key in ("t_init", "t_final"):
+            value = getattr(self, key)
+            if value is not None:
+                _non_negative(f"method.{key}", value)
+        _require_total_steps(self.name, total_steps)
+        t_init, t_final = self.resolved_phases(total_steps)
+        if t_init + t_final >= total_steps:
+            raise ConfigError(
+                f"AdaLoRA needs t_init + t_final < total steps, got t_init={t_init} + t_final={t_final} "
+                f">= {total_steps}: lower method.t_init / method.t_final or train for more steps")
+
+
+@dataclass
+class SoRAConfig(MethodConfig):
+    name: str = "sora"
+    r_max: int = 8
+    xi: float = 1e-3  # proximal threshold at the start of training
+    xi_end: float | None = None  # None: constant xi; else raised linearly over `xi_stages` stages
+    xi_stages: int = 1
+    xi_mode: str = "absolute"  # "absolute" (official code) or "lr" (paper: xi * gate learning rate)
+    gate_lr: float | None = None  # None: the training learning rate
+    l1: float = 0.0  # optional L1 penalty on the gates (official code's extra term)
+
+    def validate(self, total_steps: int | None) -> None:
+        super().validate(total_steps)
+        _positive("method.r_max", self.r_max)
+        _non_negative("method.xi", self.xi)
+        _positive("method.xi_stages", self.xi_stages)
+        _non_negative("method.l1", self.l1)
+        _choice("method.xi_mode", self.xi_mode, ("absolute", "lr"))
+        if self.xi_end is not None:
+            _non_negative("method.xi_end", self.xi_end)
+            _require_total_steps(self.name + " with xi_end", total_steps)
+        if self.gate_lr is not None:
+            _positive("method.gate_lr", self.gate_lr)
+
+
+@dataclass
+class IncreLoRAConfig(MethodConfig):
+    name: str = "increlora"
+    alpha: float = 8.0
+    gamma: float = 0.1
+    r_start: int = 1
+    r_target: int = 4  # average rank per module at the end of growth
+    r_max: int = 12  # fixed capacity per module (active + reserve components)
+    incre_rank: int = 1
+    top_h: int = 4
+    incre_interval: int | None = None  # None: spread growth evenly until 70% of training
+    t_init: int | None = None  # warmup before growth; None: 10% of total steps
+    restart_warmup: int | None = None  # None: incre_interval
+    reserve_lam: float = 1e-5
+    beta1: float = 0.85
+    beta2: float = 0.85
+    score: str = "component"  # "component" (shard-friendly) or "dense" (official code, one process)
+    scale_rule: str = "fixed"  # "fixed": alpha / r_start; "rank": alpha / current rank (official code)
+
+    def validate(self, total_steps: int | None) -> None:
+        super().validate(total_steps)
+        for key in ("r_start", "r_target", "r_max", "incre_rank", "top_h"):
+            _positive(f"method.{key}", getattr(self, key))
+        _beta("method.beta1", self.beta1)
+        _beta("method.beta2", self.beta2)
+        _choice("method.score", self.score, ("component", "dense"))
+        _choice("method.scale_rule", self.scale_rule, ("fixed", "rank"))
+        if self.r_target < self.r_start:
+            raise ConfigError(f"method.r_target ({self.r_target}) < method.r_start ({self.r_start}): "
+                              "IncreLoRA only grows")
+        if self.r_max < self.r_start + self.incre_rank:
+            raise ConfigError(
+                f"method.r_max ({self.r_max}) must hold r_start + incre_rank reserve components "
+                f"({self.r_start + self.incre_rank}); raise r_max")
+        if self.r_target > self.r_max - self.incre_rank:
+            raise ConfigError(
+                f"method.r_target ({self.r_target}) cannot be reached with capacity r_max={self.r_max} "
+                f"and incre_rank={self.incre_rank} reserves; raise r_max to at least "
+                f"{self.r_target + self.incre_rank}")
+        if self.incre_interval is not None:
+            _positive("method.incre_interval", self.incre_interval)
+        if self.restart_warmup is not None:
+            _non_negative("method.restart_warmup", self.restart_warmup)
+        _require_total_steps(self.name, total_steps)
+
+
+@dataclass
+class PRILoRAConfig(MethodConfig):
+    name: str = "prilora"
+    r_first: int = 4  # rank of the first layer (r_s)
+    r_last: int = 12  # rank of the last layer (r_f)
+    prune_interval: int = 100
+    prune_ratio: float = 0.5
+    beta: float = 0.9  # EMA of the per-feature input norms
+
+    def validate(self, total_steps: int | None) -> None:
+        super().validate(total_steps)
+        _positive("method.r_first", self.r_first)
+        _positive("method.r_last", self.r_last)
+        _positive("method.prune_interval", self.prune_interval)
+        _beta("method.beta", self.beta)
+        if not 0 <= self.prune_ratio < 1:
+            raise ConfigError(f"method.prune_ratio must be in [0, 1), got {self.prune_ratio}")
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
+    "lora": LoRAConfig,
+    "adalora": AdaLoRAConfig,
+    "sora": SoRAConfig,
+    "increlora": IncreLoRAConfig,
+    "prilora": PRILoRAConfig,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model, data, training
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which model, and where adapters go."""
+
+    name_or_path: str = "minilm"  # "minilm": the offline all-MiniLM-L6-v2 encoder; else hub name or dir
+    num_labels: int | None = None  # None: from the task
+    targets: list[str] | str | None = None  # suffix list or one regex; None: defaults per model type
+    trainable: list[str] | None = None  # extra modules trained in full (task heads); None: auto
+
+
+@dataclass
+class DataConfig:
+    task: str = "synthetic"
+    data_dir: str | None = None
+    max_length: int = 64
+    train_size: int = 2048  # synthetic task only
+    eval_size: int = 512  # synthetic task only
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    total_steps: int | None = None  # None: from epochs
+    epochs: float | None = None
+    warmup_steps: int = 0
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    seed: int = 0
+    log_every: int = 10
+
+    def validate(self) -> None:
+        _positive("train.lr", self.lr)
+        _non_negative("train.weight_decay", self.weight_decay)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        _non_negative("train.warmup_steps", self.warmup_steps)
+        if self.total_steps is not None:
+            _positive("train.total_steps", self.total_steps)
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
+
+
+@dataclass
+class RunConfig:
+    method: MethodConfig = field(default_factory=lambda: AdaLoRAConfig())
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        self.train.validate()
+        self.method.validate(self.train.total_steps)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building configs from dicts, YAML files and overrides
+# ---------------------------------------------------------------------------------------------------
+
+
+def method_config(name: str, **values: Any) -> MethodConfig:
+    """The typed config of method `name`, with `values` checked against its fields."""
+    if name not in METHOD_CONFIGS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHOD_CONFIGS)}")
+    return _build(METHOD_CONFIGS[name], {**values, "name": name}, "method")
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    data = dict(data or {})
+    unknown = set(data) - {f.name for f in dataclasses.fields(RunConfig)}
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: method, model, data, train")
+    method_values = dict(data.get("method") or {})
+    method = method_config(method_values.pop("name", "adalora"), **method_values)
+    return RunConfig(
+        method=method,
+        model=_build(ModelConfig, data.get("model") or {}, "model"),
+        data=_build(DataConfig, data.get("data") or {}, "data"),
+        train=_build(TrainConfig, data.get("train") or {}, "train"),
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML recipe (optional), apply `section.key=value` overrides, return the typed config."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. method.r_target=4")
+        section, name = parts
+        data.setdefault(section, {})
+        data[section][name] = yaml.safe_load(raw)
+    return config_from_dict(data)
+
+
+def _build(cls: type, values: dict[str, Any], section: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown {section} option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        values[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a simple type hint; ints are accepted where floats are expected."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} may not be empty")
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "1e-3" as a string
+            except ValueError:
+                pass
+        if base in (str, bool, list) and isinstance(value, base):
+            return value
+    names = [getattr(o, "__name__", str(o)) for o in options]
+    raise ConfigError(f"{key} must be of type {' or '.join(names)}, got {value!r}")
+
+
+_UnionType = type(int | None)
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value}")
+
+
+def _beta(key: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise ConfigError(f"{key} must be in [0, 1), got {value}")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {list(options)}, got {value!r}")
+
+
+def _require_total_steps(method: str, total_steps: int | None) -> None:
+    if total_steps is None:
+        raise ConfigError(f"{method} schedules its ranks over the run: set train.total_steps "
+                          "(or train.epochs, from which the trainer derives it)")

@@ -1,0 +1,138 @@
+"""RankController: once per optimizer step, observe -> reduce -> decide on rank 0 -> broadcast -> apply.
+
+    loss.backward()
+    controller.observe()      # grads present, optimizer not stepped yet
+    optimizer.step()
+    controller.apply()        # act on the decision (masks, lam, A pruning) on local shards
+    optimizer.zero_grad()
+
+`controller.step(optimizer)` does the middle three for a plain loop.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from .comm import Collective
+from .inject import adapter_layers
+from .methods.base import Method
+from .shards import ShardAccess, WholeTensorAccess
+
+log = logging.getLogger(__name__)
+
+_FORGOTTEN_AFTER = 64  # training forward passes without a controller step before we complain
+
+
+class RankController:
+    def __init__(self, model: nn.Module, method: Method, access: ShardAccess | None = None,
+                 comm: Collective | None = None):
+        self.layers = adapter_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no scale_rank adapters: attach them first (scale_rank.adapt)")
+        self.method = method
+        self.comm = comm or Collective()
+        self.access = access or WholeTensorAccess(self.comm.rank, self.comm.world_size)
+        method.bind(self.layers, self.access, self.comm)
+        self.step_count = 0
+        self.history: list[dict] = []
+        self._pending: tuple[int, torch.Tensor | None] | None = None
+        self._forwards = 0
+        gamma = method.config.gamma
+        self.reg_coef = None
+        if gamma > 0:
+            self.reg_coef = torch.tensor(gamma / len(self.layers), device=self.layers[0].lora_A.device)
+            for layer in self.layers:
+                layer.reg_coef = self.reg_coef
+        self._hook = model.register_forward_pre_hook(self._count_forward)
+
+    # -- the per-step protocol ---------------------------------------------------------------------
+    def observe(self, skipped: bool = False) -> None:
+        """After backward, before the optimizer step. `skipped`: fp16 overflow, nothing is scored."""
+        if self._pending is not None:
+            raise RuntimeError("RankController.observe() called twice without apply() in between")
+        self._forwards = 0
+        step = self.step_count + 1
+        if skipped:
+            self._pending = (-1, None)
+            return
+        method, comm = self.method, self.comm
+        method.before_step(step)
+        sums = method.partial_sums(step)
+        if sums is not None:
+            comm.all_reduce_sum(sums)
+            method.absorb(sums, step)
+        decision = None
+        if method.decides_at(step):
+            if comm.is_main:
+                decision = method.decide(sums, step).float().cpu()
+            else:
+                decision = torch.zeros(method.decision_size())
+            decision = comm.broadcast(decision)
+        self._pending = (step, decision)
+
+    def apply(self) -> None:
+        """After the optimizer step, before zero_grad."""
+        if self._pending is None:
+            raise RuntimeError("RankController.apply() needs observe() first (after backward, before the "
+                               "optimizer step)")
+        step, decision = self._pending
+        self._pending = None
+        if step < 0:
+            return
+        self.method.apply(decision, step)
+        self.step_count = step
+        if decision is not None:
+            self.history.append({"step": step, "ranks": self.method.ranks().tolist()})
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.observe()
+        optimizer.step()
+        self.apply()
+
+    def set_grad_scale(self, factor: float) -> None:
+        """Scale the regularizer's gradient like the loss (1 / grad_accum, times an fp16 loss scale)."""
+        if self.reg_coef is not None:
+            self.reg_coef.fill_(self.method.config.gamma / len(self.layers) * factor)
+
+    # -- guarding against a forgotten call -----------------------------------------------------------
+    def _count_forward(self, module: nn.Module, args) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        self._forwards += 1
+        if self._forwards == _FORGOTTEN_AFTER and self.method.name != "lora":
+            message = (f"{_FORGOTTEN_AFTER} training forward passes without RankController.observe()/apply(): "
+                       f"{self.method.name} is not allocating ranks (it trains as plain LoRA). Call "
+                       "controller.step(optimizer) each optimizer step, or use ScaleRankCallback with Trainer.")
+            log.error(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def guard(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make `optimizer.step()` fail when observe() was not called for this step."""
+        def check(opt, args, kwargs):
+            if self._pending is None:
+                raise RuntimeError(f"optimizer stepped without RankController.observe(): {self.method.name} "
+                                   "would silently train as plain LoRA")
+        optimizer.register_step_pre_hook(check)
+
+    # -- reporting -----------------------------------------------------------------------------------
+    def ranks(self) -> dict[str, int]:
+        return {layer.site: int(r) for layer, r in zip(self.layers, self.method.ranks())}
+
+    def regularization(self) -> float:
+        values = [layer.last_reg for layer in self.layers if layer.last_reg is not None]
+        return float(torch.stack(values).mean()) if values else 0.0
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"method": self.method.name, "step": self.step_count, "history": list(self.history),
+                "state": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.method.name:
+            raise ValueError(f"controller state is for method {state['method']!r}, not {self.method.name!r}")
+        self.step_count = state["step"]
+        self.history = list(state["history"])
+        self.method.load_state_dict(state["state"])

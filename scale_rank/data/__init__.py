@@ -1,0 +1,1 @@
+"""Datasets: the generated demo task, GLUE, and instruction data."""

@@ -1,0 +1,77 @@
+"""Per-entry EMA sensitivity of adapter parameters (AdaLoRA, IncreLoRA), on this rank's local slices.
+
+I = |w * g|;  I_bar <- b1 I_bar + (1-b1) I;  U_bar <- b2 U_bar + (1-b2) |I - I_bar|;  s = I_bar * U_bar.
+
+All local slices of all modules live in one flat buffer, so an update is a handful of vector operations
+whatever the number of modules, and per-component partial sums are one index_add.
+"""
+from __future__ import annotations
+
+import torch
+
+from .components import ComponentLayout
+from .layer import AdaptiveLoRALayer
+from .shards import ShardAccess
+
+KINDS = ("A", "B", "lam")
+
+
+def adapter_params(layer: AdaptiveLoRALayer) -> dict[str, torch.nn.Parameter]:
+    return {"A": layer.lora_A, "B": layer.lora_B, "lam": layer.lora_lam}
+
+
+class SensitivityTracker:
+    """EMAs beside the local slice of every A, B and lam; partial sums per component and kind."""
+
+    def __init__(self, layers: list[AdaptiveLoRALayer], layout: ComponentLayout, access: ShardAccess,
+                 beta1: float, beta2: float):
+        self.layers, self.layout, self.access = layers, layout, access
+        self.beta1, self.beta2 = beta1, beta2
+        self.params: list[torch.nn.Parameter] = []
+        index = []
+        for k, layer in enumerate(layers):
+            for slot, kind in enumerate(KINDS):
+                param = adapter_params(layer)[kind]
+                local = access.scoring(param)
+                ids = layout.component_index(kind, k, local.start, local.end, layer.r_max, layer.d_in)
+                index.append(ids + slot * layout.n_components)
+                self.params.append(param)
+        device = layers[0].lora_A.device
+        self.index = torch.cat(index).to(device=device, dtype=torch.int32)
+        self.i_bar = torch.zeros(self.index.numel(), device=device)
+        self.u_bar = torch.zeros_like(self.i_bar)
+
+    def update(self) -> None:
+        """Fold the current gradients into the EMAs (call once per optimizer step, grads present)."""
+        slices = [self.access.scoring(p) for p in self.params]
+        values = torch.cat([s.values.float() for s in slices])
+        grads = torch.cat([_grad_or_zeros(s) for s in slices])
+        sensitivity = values.mul_(grads).abs_()
+        self.i_bar.lerp_(sensitivity, 1 - self.beta1)
+        self.u_bar.mul_(self.beta2).add_(sensitivity.sub_(self.i_bar).abs_(), alpha=1 - self.beta2)
+
+    def partial_sums(self) -> torch.Tensor:
+        """float64 [sum s over A entries | over B entries | over lam entries], per component."""
+        out = torch.zeros(3 * self.layout.n_components, dtype=torch.float64, device=self.i_bar.device)
+        return out.index_add_(0, self.index, (self.i_bar * self.u_bar).double())
+
+    def component_scores(self, sums: torch.Tensor) -> torch.Tensor:
+        """S_ki = s(lam_i) + mean_j s(A_ij) + mean_j s(B_ji) from globally reduced partial sums."""
+        n = self.layout.n_components
+        sums = sums.cpu()
+        return sums[2 * n:] + sums[:n] / self.layout.d_in + sums[n:2 * n] / self.layout.d_out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"i_bar": self.i_bar.clone(), "u_bar": self.u_bar.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key in ("i_bar", "u_bar"):
+            if state[key].shape != getattr(self, key).shape:
+                raise ValueError(f"sensitivity state {key} has shape {tuple(state[key].shape)}, expected "
+                                 f"{tuple(getattr(self, key).shape)}: the checkpoint comes from another "
+                                 "model, method or sharding")
+            getattr(self, key).copy_(state[key])
+
+
+def _grad_or_zeros(local) -> torch.Tensor:
+    return local.grad.float() if local.grad is not None else torch.zeros_like(local.values, dtype=torch.float32)

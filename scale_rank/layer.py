@@ -1,0 +1,164 @@
+"""The fixed-capacity adapter layer.
+
+h = W0 x + scale * B((lam * active) * (A dropout(x)))
+
+A (r_max x d_in), B (d_out x r_max) and lam (r_max) are parameters whose shapes never change; `active` is
+a 0/1 buffer that switches whole components in or out of the forward pass. Methods change ranks only by
+editing `active` and the values of lam / A, so every engine and optimizer sees one static parameter set.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def base_dims(base: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a supported base layer."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if type(base).__name__ == "Conv1D":  # transformers' GPT-2 style layer: weight is (d_in, d_out)
+        d_in, d_out = base.weight.shape
+        return int(d_in), int(d_out)
+    raise TypeError(f"cannot adapt {type(base).__name__}: supported bases are nn.Linear, transformers "
+                    "Conv1D and bitsandbytes Linear4bit / Linear8bitLt")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+class _AuxLoss(torch.autograd.Function):
+    """Identity on `out` whose backward also gives `aux` the gradient `coef` (as if loss += coef * aux).
+
+    The regularizer rides on the layer output so that engines that gather parameters only around a
+    module's forward and backward (FSDP, ZeRO-3) have them present when its gradient is computed.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(coef)
+        ctx.aux_dtype = aux.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (coef,) = ctx.saved_tensors
+        return grad_out, coef.to(ctx.aux_dtype).reshape(()), None
+
+
+class AdaptiveLoRALayer(nn.Module):
+    """A frozen base linear layer plus a fixed-capacity low-rank adapter.
+
+    Attributes set at attach time: `site` (module name in the model), `layer_index`, `kind` (matrix
+    type, e.g. "query"). `reg_coef` (set by the controller) enables the orthogonality regularizer;
+    `collect_input_stats` enables the per-feature squared-norm sums PRILoRA needs.
+    """
+
+    def __init__(self, base: nn.Module, r_max: int, scale: float, dropout: float = 0.0,
+                 site: str = "", layer_index: int = 0, kind: str = ""):
+        super().__init__()
+        d_in, d_out = base_dims(base)
+        self.base_layer = base
+        self.d_in, self.d_out, self.r_max = d_in, d_out, r_max
+        self.site, self.layer_index, self.kind = site, layer_index, kind
+        weight = base.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        device = weight.device
+        self.lora_A = nn.Parameter(torch.zeros(r_max, d_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r_max, dtype=dtype, device=device))
+        self.lora_lam = nn.Parameter(torch.ones(r_max, dtype=dtype, device=device))
+        self.register_buffer("active", torch.ones(r_max, dtype=dtype, device=device))
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reg_coef: torch.Tensor | None = None
+        self.last_reg: torch.Tensor | None = None
+        self.collect_input_stats = False
+        self.collect_dense_grad = False  # IncreLoRA's exact score: accumulate dL/d(dW) (one process)
+        self.dense_grad: torch.Tensor | None = None
+        self.register_buffer("input_sq_sum", torch.zeros(d_in, dtype=torch.float32, device=device),
+                             persistent=False)
+        self.merged = False
+
+    # -- initialisation helpers used by the methods --------------------------------------------------
+    def init_gaussian(self, std: float = 0.02) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A, std=std)
+            nn.init.normal_(self.lora_B, std=std)
+
+    def init_kaiming_zero(self) -> None:
+        """Standard LoRA init: A Kaiming-uniform (a = sqrt 5), B = 0."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return out
+        if self.collect_input_stats and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.input_sq_sum += x.detach().reshape(-1, self.d_in).float().pow(2).sum(0)
+        A, B = self.lora_A, self.lora_B
+        x_in = self.dropout(x).to(A.dtype)
+        h = (x_in @ A.t()) * (self.lora_lam * self.active)
+        delta = (h @ B.t()) * self.scale.to(A.dtype)
+        if self.collect_dense_grad and delta.requires_grad:
+            delta.register_hook(self._dense_grad_hook(x_in.detach()))
+        out = out + delta.to(out.dtype)
+        if self.reg_coef is not None and torch.is_grad_enabled():
+            reg = self.orthogonality()
+            self.last_reg = reg.detach()
+            out = _AuxLoss.apply(out, reg, self.reg_coef)
+        return out
+
+    def _dense_grad_hook(self, x_in: torch.Tensor):
+        """dL/d(dW) = sum over tokens of grad(delta) x^T, accumulated into `dense_grad` (d_out x d_in)."""
+        def hook(grad: torch.Tensor) -> None:
+            self.dense_grad += grad.reshape(-1, self.d_out).float().t() @ x_in.reshape(-1, self.d_in).float()
+        return hook
+
+    def orthogonality(self) -> torch.Tensor:
+        """||A A^T - I||_F + ||B^T B - I||_F over all active components (AdaLoRA's code form)."""
+        keep = self.active.bool()
+        A = self.lora_A[keep].float()
+        B = self.lora_B[:, keep].float()
+        eye = torch.eye(A.shape[0], device=A.device)
+        return torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+
+    # -- dense views ---------------------------------------------------------------------------------
+    def gate(self) -> torch.Tensor:
+        """The effective per-component multiplier lam * active (r_max)."""
+        return self.lora_lam.detach() * self.active
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B diag(gate) A as a (d_out x d_in) matrix (the base layer's orientation for Linear)."""
+        A, B = self.lora_A.detach().float(), self.lora_B.detach().float()
+        return (B * (self.gate().float() * self.scale)) @ A
+
+    def rank(self) -> int:
+        return int((self.gate() != 0).sum())
+
+    def merge(self) -> None:
+        """Add the adapter into the base weight (and stop applying it separately)."""
+        self._shift_base(+1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self._shift_base(-1.0)
+        self.merged = False
+
+    def _shift_base(self, sign: float) -> None:
+        if self.merged == (sign > 0):
+            raise RuntimeError(f"{self.site}: adapter is already {'merged' if self.merged else 'unmerged'}")
+        delta = self.delta_weight()
+        weight = self.base_layer.weight
+        if not isinstance(self.base_layer, nn.Linear):
+            delta = delta.t()  # Conv1D stores (d_in, d_out)
+        with torch.no_grad():
+            weight.add_(sign * delta.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, d_in={self.d_in}, d_out={self.d_out}, r_max={self.r_max}"

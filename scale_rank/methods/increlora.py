@@ -1,0 +1,200 @@
+"""IncreLoRA: modules start at rank r_start and the best-scoring ones grow until a total target.
+
+Growth unmasks reserved capacity: every module keeps `incre_rank` reserve components whose A and B train
+while lam stays frozen at `reserve_lam` ("advance learning"); a growing module's reserves become trainable
+and fresh reserves are unmasked. Newly trainable components get their own linear warmup.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import ConfigError, IncreLoRAConfig
+from ..importance import SensitivityTracker, adapter_params
+from ..inject import Site
+from ..layer import AdaptiveLoRALayer
+from ..schedules import even_interval, restarted_warmup
+from .base import Method, edit_local
+
+
+class IncreLoRA(Method):
+    name = "increlora"
+    decision_per_module = True
+    config: IncreLoRAConfig
+
+    def capacity(self, site: Site, n_layers: int) -> int:
+        return self.config.r_max
+
+    def init_layer(self, layer: AdaptiveLoRALayer) -> None:
+        cfg = self.config
+        layer.init_gaussian(0.02)
+        with torch.no_grad():
+            layer.lora_lam.zero_()
+            layer.lora_lam[cfg.r_start:cfg.r_start + cfg.incre_rank] = cfg.reserve_lam
+            layer.active.zero_()
+            layer.active[:cfg.r_start + cfg.incre_rank] = 1.0
+        layer.scale.fill_(cfg.alpha / cfg.r_start)
+        if cfg.score == "dense":
+            layer.collect_dense_grad = True
+            layer.dense_grad = torch.zeros(layer.d_out, layer.d_in, device=layer.lora_A.device)
+
+    def bind(self, layers, access, comm) -> None:
+        super().bind(layers, access, comm)
+        cfg, layout = self.config, self.layout
+        if cfg.score == "dense" and comm.world_size > 1:
+            raise ConfigError("IncreLoRA score='dense' needs whole adapters on one process; use "
+                              "method.score=component with more than one process")
+        self.rank = torch.full((layout.n_modules,), cfg.r_start, dtype=torch.long)
+        self.mask = (layout.position < cfg.r_start).float()
+        self.reserve = ((layout.position >= cfg.r_start)
+                        & (layout.position < cfg.r_start + cfg.incre_rank)).float()
+        self.activated_at = torch.zeros(layout.n_components, dtype=torch.long)
+        self.target_total = cfg.r_target * layout.n_modules
+        self.t_init = cfg.t_init if cfg.t_init is not None else round(0.1 * self.total_steps)
+        events = math.ceil((self.target_total - int(self.rank.sum())) / (cfg.top_h * cfg.incre_rank))
+        self.interval = cfg.incre_interval or even_interval(self.t_init, round(0.7 * self.total_steps), events)
+        self.warmup = cfg.restart_warmup if cfg.restart_warmup is not None else self.interval
+        if cfg.score == "component":
+            self.tracker = SensitivityTracker(layers, layout, access, cfg.beta1, cfg.beta2)
+        else:
+            self.dense_ema = torch.zeros(2, layout.n_modules, dtype=torch.float64)
+        self._snapshot: dict | None = None
+
+    @property
+    def growing(self) -> bool:
+        return int(self.rank.sum()) < self.target_total
+
+    def decides_at(self, step: int) -> bool:
+        return self.growing and step > self.t_init and (step - self.t_init) % self.interval == 0
+
+    # -- statistics ------------------------------------------------------------------------------
+    def before_step(self, step: int) -> None:
+        self._snapshot = self._snapshot_warming(step)
+
+    def partial_sums(self, step: int) -> torch.Tensor | None:
+        if not self.growing:
+            return None
+        if self.config.score == "dense":
+            self._update_dense_ema()
+            return self.dense_ema[0] * self.dense_ema[1] if self.decides_at(step) else None
+        self.tracker.update()
+        return self.tracker.partial_sums() if self.decides_at(step) else None
+
+    def _update_dense_ema(self) -> None:
+        """Module score |dW * dL/d(dW)|.sum() / sqrt(numel), smoothed like the per-entry scores."""
+        cfg = self.config
+        score = torch.stack([
+            (layer.delta_weight() * layer.dense_grad).abs().sum().double().cpu() / math.sqrt(layer.dense_grad.numel())
+            for layer in self.layers])
+        for layer in self.layers:
+            layer.dense_grad.zero_()
+        i_bar, u_bar = self.dense_ema
+        i_bar.lerp_(score, 1 - cfg.beta1)
+        u_bar.mul_(cfg.beta2).add_((score - i_bar).abs(), alpha=1 - cfg.beta2)
+
+    def module_scores(self, sums: torch.Tensor) -> torch.Tensor:
+        if self.config.score == "dense":
+            return sums.cpu()
+        return self.layout.per_module_sum(self.tracker.component_scores(sums) * self.mask)
+
+    # -- decisions -------------------------------------------------------------------------------
+    def decide(self, sums: torch.Tensor | None, step: int) -> torch.Tensor:
+        cfg = self.config
+        scores = self.module_scores(sums)
+        self.last_scores = scores
+        eligible = (self.rank + cfg.incre_rank) <= self.layout.capacity
+        order = [k for k in torch.sort(scores, descending=True, stable=True).indices.tolist() if eligible[k]]
+        remaining = self.target_total - int(self.rank.sum())
+        growth = torch.zeros(self.layout.n_modules)
+        for k in order[:cfg.top_h]:
+            if remaining <= 0:
+                break
+            growth[k] = min(cfg.incre_rank, remaining)
+            remaining -= int(growth[k])
+        return growth
+
+    def apply(self, decision: torch.Tensor | None, step: int) -> None:
+        if decision is not None:
+            self._grow(decision.long().cpu(), step)
+        self._finish_warming(step)
+        self._reset_reserves()
+
+    def _grow(self, growth: torch.Tensor, step: int) -> None:
+        cfg, layout = self.config, self.layout
+        for k in torch.nonzero(growth).flatten().tolist():
+            start, new_rank = int(self.rank[k]), int(self.rank[k] + growth[k])
+            base = int(layout.offset[k])
+            self.mask[base + start:base + new_rank] = 1.0
+            self.activated_at[base + start:base + new_rank] = step
+            reserve_end = min(new_rank + cfg.incre_rank, int(layout.capacity[k]))
+            self.reserve[base:base + int(layout.capacity[k])] = 0.0
+            self.reserve[base + new_rank:base + reserve_end] = 1.0
+            self.rank[k] = new_rank
+            layer = self.layers[k]
+            layer.active[:reserve_end] = 1.0
+            if cfg.scale_rule == "rank":
+                layer.scale.fill_(cfg.alpha / new_rank)
+
+    def _reset_reserves(self) -> None:
+        """Reserve lam stays frozen at reserve_lam (their A and B train)."""
+        value = self.config.reserve_lam
+        for layer, reserve in zip(self.layers, self.layout.split(self.reserve)):
+            reserve = reserve.to(layer.lora_lam.device, layer.lora_lam.dtype)
+
+            def freeze(local, reserve=reserve):
+                part = reserve[local.start:local.end]
+                local.values.mul_(1 - part).add_(part * value)
+            edit_local(self.access, layer.lora_lam, freeze)
+
+    # -- restarted warmup for newly trainable components --------------------------------------------
+    def _snapshot_warming(self, step: int) -> dict | None:
+        """Local values before the optimizer step of every module with a component in warmup."""
+        factors = restarted_warmup(step, self.activated_at, self.warmup)
+        modules = torch.unique(self.layout.module_of[factors < 1]).tolist()
+        if not modules:
+            return None
+        saved = {}
+        for k in modules:
+            for kind, param in adapter_params(self.layers[k]).items():
+                local = self.access.storage(param)
+                saved[(k, kind)] = (local.values.clone(), local.start, local.end)
+        return {"factors": factors, "saved": saved}
+
+    def _finish_warming(self, step: int) -> None:
+        """Scale this step's update of warming components: new = old + factor * (new - old)."""
+        if self._snapshot is None:
+            return
+        factors = self._snapshot["factors"]
+        for (k, kind), (old, start, end) in self._snapshot["saved"].items():
+            layer = self.layers[k]
+            ids = self.layout.component_index(kind, k, start, end, layer.r_max, layer.d_in)
+            factor = factors[ids].to(old.device, old.dtype)
+
+            def blend(local, old=old, factor=factor):
+                local.values.copy_(old + factor * (local.values - old))
+            edit_local(self.access, adapter_params(layer)[kind], blend)
+        self._snapshot = None
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"mask": self.mask.clone(), "rank": self.rank.clone(), "reserve": self.reserve.clone(),
+                 "activated_at": self.activated_at.clone(),
+                 "active": [layer.active.clone() for layer in self.layers],
+                 "scale": [layer.scale.clone() for layer in self.layers]}
+        if self.config.score == "component":
+            state["tracker"] = self.tracker.state_dict()
+        else:
+            state["dense_ema"] = self.dense_ema.clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("mask", "rank", "reserve", "activated_at"):
+            setattr(self, key, state[key].clone())
+        for layer, active, scale in zip(self.layers, state["active"], state["scale"]):
+            layer.active.copy_(active)
+            layer.scale.copy_(scale)
+        if self.config.score == "component":
+            self.tracker.load_state_dict(state["tracker"])
+        else:
+            self.dense_ema.copy_(state["dense_ema"])

@@ -1,0 +1,111 @@
+"""PRILoRA: ranks rising linearly with depth, and ongoing pruning of A by |A_ij| * input-norm EMA.
+
+Pruning zeroes, in every row of A, the entries whose importance is at or below the row's k-th smallest
+(k = floor(prune_ratio * d_in)); exact ties at the cut are pruned together. The k-th smallest is found by
+bisection on the float bit patterns with one all-reduce of per-row counts per round, so no rank ever
+gathers a row and every sharding finds the same threshold.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import PRILoRAConfig
+from ..inject import Site
+from ..layer import AdaptiveLoRALayer
+from .base import Method, edit_local
+
+_FLOAT_BITS = 31  # non-negative float32 values order like their int32 bit patterns, below 2**31
+
+
+def depth_rank(layer: int, n_layers: int, r_first: int, r_last: int) -> int:
+    """r_l = round(r_first + (r_last - r_first)(l - 1)/(L - 1)) for 1-based l, rounding halves up."""
+    if n_layers <= 1:
+        return r_first
+    return math.floor(r_first + (r_last - r_first) * (layer - 1) / (n_layers - 1) + 0.5)
+
+
+class PRILoRA(Method):
+    name = "prilora"
+    config: PRILoRAConfig
+
+    def capacity(self, site: Site, n_layers: int) -> int:
+        return depth_rank(site.layer_index + 1, n_layers, self.config.r_first, self.config.r_last)
+
+    def init_layer(self, layer: AdaptiveLoRALayer) -> None:
+        layer.init_kaiming_zero()
+        layer.lora_lam.requires_grad_(False)
+        layer.scale.fill_(self.config.alpha / layer.r_max)
+        layer.collect_input_stats = True
+
+    def bind(self, layers, access, comm) -> None:
+        super().bind(layers, access, comm)
+        self.feature_sizes = [layer.d_in for layer in layers]
+        self.input_norm = torch.zeros(sum(self.feature_sizes), dtype=torch.float64)
+
+    # -- input statistics: one all-reduce of the per-feature squared sums each step ----------------
+    def partial_sums(self, step: int) -> torch.Tensor:
+        sums = torch.cat([layer.input_sq_sum.double() for layer in self.layers])
+        for layer in self.layers:
+            layer.input_sq_sum.zero_()
+        return sums
+
+    def absorb(self, sums: torch.Tensor, step: int) -> None:
+        self.input_norm.lerp_(sums.cpu().sqrt(), 1 - self.config.beta)
+
+    def decides_at(self, step: int) -> bool:
+        return step % self.config.prune_interval == 0
+
+    def decide(self, sums, step: int) -> torch.Tensor:
+        return self.mask  # ranks are fixed by depth; the pruning itself happens in apply
+
+    # -- pruning -----------------------------------------------------------------------------------
+    def apply(self, decision: torch.Tensor | None, step: int) -> None:
+        if decision is None or self.config.prune_ratio == 0:
+            return
+        norms = self.input_norm.split(self.feature_sizes)
+        scored = [self._importance(k, norm, self.access.scoring(layer.lora_A))
+                  for k, (layer, norm) in enumerate(zip(self.layers, norms))]
+        k = torch.tensor([math.floor(self.config.prune_ratio * layer.d_in) for layer in self.layers])
+        k = torch.repeat_interleave(k, self.layout.capacity)
+        threshold = row_kth_smallest(torch.cat([imp for imp, _ in scored]), torch.cat([r for _, r in scored]),
+                                     k, self.layout.n_components, self.comm)
+        threshold = self.comm.broadcast(threshold)
+        for index, (layer, norm) in enumerate(zip(self.layers, norms)):
+            def zero(local, index=index, norm=norm):
+                importance, rows = self._importance(index, norm, local)
+                local.values.masked_fill_((importance <= threshold[rows]).to(local.values.device), 0.0)
+            edit_local(self.access, layer.lora_A, zero)
+
+    def _importance(self, index: int, norm: torch.Tensor, local) -> tuple[torch.Tensor, torch.Tensor]:
+        """|A_ij| * n_j of the local entries of module `index`'s A, and the component (row) of each."""
+        d_in = self.layers[index].d_in
+        flat = torch.arange(local.start, local.end)
+        rows = flat // d_in + int(self.layout.offset[index])
+        return local.values.detach().float().abs().cpu() * norm[flat % d_in].float(), rows
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "input_norm": self.input_norm.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.input_norm.copy_(state["input_norm"])
+
+
+def row_kth_smallest(values: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, n_rows: int, comm) -> torch.Tensor:
+    """Per row, the k-th smallest of non-negative `values` spread over ranks (float32, exact).
+
+    Bisection over int32 bit patterns: 31 rounds, each one all-reduce of per-row counts.
+    """
+    bits = values.float().contiguous().view(torch.int32).long()
+    lo = torch.zeros(n_rows, dtype=torch.long)
+    hi = torch.full((n_rows,), (1 << _FLOAT_BITS) - 1, dtype=torch.long)
+    for _ in range(_FLOAT_BITS):
+        mid = (lo + hi) // 2
+        counts = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows, (bits <= mid[rows]).double())
+        comm.all_reduce_sum(counts)
+        enough = counts >= k
+        hi = torch.where(enough, mid, hi)
+        lo = torch.where(enough, lo, mid + 1)
+    return hi.int().view(torch.float32)

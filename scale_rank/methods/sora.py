@@ -1,0 +1,82 @@
+"""SoRA: a gate vector per module, its own optimizer group, and an L1 proximal step after each update."""
+from __future__ import annotations
+
+import torch
+
+from ..config import SoRAConfig
+from ..inject import Site
+from ..layer import AdaptiveLoRALayer
+from ..schedules import staged_linear
+from .base import Method, edit_local
+
+GATE_GROUP = "sora_gates"
+
+
+def soft_threshold(gate: torch.Tensor, xi: float) -> torch.Tensor:
+    """The L1 proximal operator sign(g) * max(|g| - xi, 0), in place."""
+    return gate.copy_(gate.sign() * (gate.abs() - xi).clamp_min_(0))
+
+
+class SoRA(Method):
+    name = "sora"
+    config: SoRAConfig
+
+    def capacity(self, site: Site, n_layers: int) -> int:
+        return self.config.r_max
+
+    def init_layer(self, layer: AdaptiveLoRALayer) -> None:
+        layer.init_kaiming_zero()
+        torch.nn.init.normal_(layer.lora_lam.data, 0.0, 1.0)
+        layer.scale.fill_(self.config.alpha / self.config.r_max)
+
+    def bind(self, layers, access, comm) -> None:
+        super().bind(layers, access, comm)
+        self.gate_lr = lambda: self.config.gate_lr  # replaced by the optimizer's live lr when known
+        self.gate_index = []
+        for k, layer in enumerate(layers):
+            local = access.scoring(layer.lora_lam)
+            self.gate_index.append(self.layout.component_index("lam", k, local.start, local.end, 1, 1))
+        self.gate_index = torch.cat(self.gate_index).to(layers[0].lora_lam.device)
+
+    def optimizer_groups(self, layers, lr: float, weight_decay: float) -> list[dict]:
+        weights = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+        gates = [layer.lora_lam for layer in layers]
+        gate_lr = self.config.gate_lr if self.config.gate_lr is not None else lr
+        return [{"name": "adapters", "params": weights, "lr": lr, "weight_decay": weight_decay},
+                {"name": GATE_GROUP, "params": gates, "lr": gate_lr, "weight_decay": 0.0}]
+
+    def track_optimizer(self, optimizer) -> None:
+        """Read the gate group's current learning rate (for xi_mode 'lr') from `optimizer`."""
+        group = next(g for g in optimizer.param_groups if g.get("name") == GATE_GROUP)
+        self.gate_lr = lambda: group["lr"]
+
+    def xi(self, step: int) -> float:
+        cfg = self.config
+        xi = staged_linear(step, self.total_steps or 1, cfg.xi, cfg.xi_end, cfg.xi_stages)
+        return xi * self.gate_lr() if cfg.xi_mode == "lr" else xi
+
+    def before_step(self, step: int) -> None:
+        if self.config.l1 > 0:  # gradient of l1 * sum |g|, added to the local gate gradients
+            for layer in self.layers:
+                local = self.access.storage(layer.lora_lam)
+                if local.grad is not None:
+                    local.grad.add_(local.values.sign(), alpha=self.config.l1)
+                    self.access.write(layer.lora_lam, local)
+
+    def decides_at(self, step: int) -> bool:
+        return True
+
+    def partial_sums(self, step: int) -> torch.Tensor:
+        gates = torch.cat([self.access.scoring(layer.lora_lam).values for layer in self.layers])
+        out = torch.zeros(self.layout.n_components, dtype=torch.float64, device=gates.device)
+        return out.index_add_(0, self.gate_index, gates.ne(0).double())
+
+    def decide(self, sums: torch.Tensor | None, step: int) -> torch.Tensor:
+        return sums.gt(0).float()
+
+    def apply(self, decision: torch.Tensor | None, step: int) -> None:
+        xi = self.xi(step)
+        for layer in self.layers:
+            edit_local(self.access, layer.lora_lam, lambda local: soft_threshold(local.values, xi))
+        if decision is not None:
+            self.mask = decision.float().cpu()

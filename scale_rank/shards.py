@@ -1,0 +1,66 @@
+"""The local slice of each adapter parameter (and of its gradient) that this rank holds and scores.
+
+A slice is a flat range [start, end) of the parameter's row-major elements. `storage` is everything this
+rank holds (what decisions are applied to); `scoring` is the part this rank scores, so that across ranks
+every element is counted exactly once (a replicated tensor is split into 1/world_size ranges).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LocalSlice:
+    start: int
+    end: int
+    values: torch.Tensor  # 1-D, elements [start, end) of the flattened parameter
+    grad: torch.Tensor | None  # 1-D gradient of the same elements, if any
+
+
+class ShardAccess(Protocol):
+    rank: int
+    world_size: int
+
+    def storage(self, param: nn.Parameter) -> LocalSlice: ...
+
+    def scoring(self, param: nn.Parameter) -> LocalSlice: ...
+
+    def write(self, param: nn.Parameter, local: LocalSlice) -> None:
+        """Store `local.values` (edited by a method) back into the parameter's storage."""
+
+
+def split_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous share of `numel` elements (ranks beyond the end get an empty range)."""
+    chunk = -(-numel // world_size)
+    start = min(rank * chunk, numel)
+    return start, min(start + chunk, numel)
+
+
+def narrow(local: LocalSlice, start: int, end: int) -> LocalSlice:
+    """The part of `local` covering flat range [start, end) (clipped to what `local` holds)."""
+    start = max(start, local.start)
+    end = max(min(end, local.end), start)
+    lo, hi = start - local.start, end - local.start
+    grad = None if local.grad is None else local.grad[lo:hi]
+    return LocalSlice(start, end, local.values[lo:hi], grad)
+
+
+class WholeTensorAccess:
+    """One process, or a parameter replicated on every rank (DDP): each rank holds the whole tensor."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+
+    def storage(self, param: nn.Parameter) -> LocalSlice:
+        grad = None if param.grad is None else param.grad.detach().reshape(-1)
+        return LocalSlice(0, param.numel(), param.detach().view(-1), grad)
+
+    def scoring(self, param: nn.Parameter) -> LocalSlice:
+        return narrow(self.storage(param), *split_range(param.numel(), self.rank, self.world_size))
+
+    def write(self, param: nn.Parameter, local: LocalSlice) -> None:
+        """Values are views of the parameter: edits are already in place."""
