@@ -202,6 +202,7 @@ class ModelConfig:
 
     name_or_path: str = "minilm"  # "minilm": the offline all-MiniLM-L6-v2 encoder; else hub name or dir
     num_labels: int | None = None  # None: from the task
+    random_init: bool = False  # build from the config at name_or_path with random weights (tests, dry runs)
     targets: list[str] | str | None = None  # suffix list or one regex; None: defaults per model type
     trainable: list[str] | None = None  # extra modules trained in full (task heads); None: auto
 
@@ -210,9 +211,12 @@ class ModelConfig:
 class DataConfig:
     task: str = "synthetic"
     data_dir: str | None = None
-    max_length: int = 64
+    max_length: int = 32
     train_size: int = 2048  # synthetic task only
     eval_size: int = 512  # synthetic task only
+
+
+ENGINES = ("auto", "single", "ddp", "fsdp2", "fsdp1", "deepspeed")
 
 
 @dataclass
@@ -220,17 +224,23 @@ class TrainConfig:
     output_dir: str = "runs/demo"
     lr: float = 5e-4
     weight_decay: float = 0.0
-    batch_size: int = 32
+    batch_size: int = 32  # global examples per optimizer step (all ranks, all micro-batches)
     grad_accum: int = 1
     total_steps: int | None = None  # None: from epochs
-    epochs: float | None = None
+    epochs: float | None = 3.0  # used when total_steps is None
     warmup_steps: int = 0
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
     seed: int = 0
     log_every: int = 10
+    engine: str = "auto"  # auto | single | ddp | fsdp2 | fsdp1 | deepspeed
+    deepspeed_config: str | None = None  # a ds_configs/*.json file ("auto" values filled from here)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    report_to: list[str] = field(default_factory=list)  # e.g. ["wandb"]
 
     def validate(self) -> None:
+        _choice("train.engine", self.engine, ENGINES)
+        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         _positive("train.lr", self.lr)
         _non_negative("train.weight_decay", self.weight_decay)
         _positive("train.batch_size", self.batch_size)

@@ -84,8 +84,9 @@ class RankController:
             return
         self.method.apply(decision, step)
         self.step_count = step
-        if decision is not None:
-            self.history.append({"step": step, "ranks": self.method.ranks().tolist()})
+        ranks = self.method.ranks().tolist()
+        if decision is not None or not self.history or ranks != self.history[-1]["ranks"]:
+            self.history.append({"step": step, "ranks": ranks})
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         self.observe()
@@ -108,6 +109,10 @@ class RankController:
                        "controller.step(optimizer) each optimizer step, or use ScaleRankCallback with Trainer.")
             log.error(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def close(self) -> None:
+        """Detach from the model (removes the forgotten-call hook)."""
+        self._hook.remove()
 
     def guard(self, optimizer: torch.optim.Optimizer) -> None:
         """Make `optimizer.step()` fail when observe() was not called for this step."""

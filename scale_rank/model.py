@@ -23,16 +23,23 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_classifier(name_or_path: str, num_labels: int) -> tuple[nn.Module, object]:
-    """A sequence-classification model and its tokenizer (hub name, local directory or offline alias)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_classifier(name_or_path: str, num_labels: int, random_init: bool = False) -> tuple[nn.Module, object]:
+    """A sequence-classification model and its tokenizer (hub name, local directory or offline alias).
+
+    `random_init`: only the config (and tokenizer) are read; weights are randomly initialised.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name_or_path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        if random_init:
+            config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     finally:
         hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -40,7 +47,12 @@ def load_classifier(name_or_path: str, num_labels: int) -> tuple[nn.Module, obje
 
 
 def build_adapted_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, object, Method]:
-    """Load the base model of `cfg` and attach the method's adapters (base frozen, heads trainable)."""
-    model, tokenizer = load_classifier(cfg.model.name_or_path, num_labels)
+    """Load the base model of `cfg` and attach the method's adapters (base frozen, heads trainable).
+
+    Seeded with train.seed: a random-init base and the adapters' init are the same in every rebuild.
+    """
+    import torch
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_classifier(cfg.model.name_or_path, num_labels, cfg.model.random_init)
     method = adapt(model, cfg.method, cfg.train.total_steps, cfg.model.targets, cfg.model.trainable)
     return model, tokenizer, method

@@ -119,6 +119,8 @@ class IncreLoRA(Method):
             self._grow(decision.long().cpu(), step)
         self._finish_warming(step)
         self._reset_reserves()
+        if step == self.total_steps:
+            self._drop_reserves()
 
     def _grow(self, growth: torch.Tensor, step: int) -> None:
         cfg, layout = self.config, self.layout
@@ -146,6 +148,12 @@ class IncreLoRA(Method):
                 part = reserve[local.start:local.end]
                 local.values.mul_(1 - part).add_(part * value)
             edit_local(self.access, layer.lora_lam, freeze)
+
+    def _drop_reserves(self) -> None:
+        """At the end of training: reserves leave the model, which then has exactly the allocated ranks."""
+        for layer, reserve in zip(self.layers, self.layout.split(self.reserve)):
+            layer.active.mul_(1 - reserve.to(layer.active.device, layer.active.dtype))
+        self.reserve.zero_()
 
     # -- restarted warmup for newly trainable components --------------------------------------------
     def _snapshot_warming(self, step: int) -> dict | None:

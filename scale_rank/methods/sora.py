@@ -1,4 +1,8 @@
-"""SoRA: a gate vector per module, its own optimizer group, and an L1 proximal step after each update."""
+"""SoRA: a gate vector per module, its own optimizer group, and an L1 proximal step after each update.
+
+The rank of a module is its number of non-zero gates; it emerges from the proximal steps (no decision on
+rank 0 is needed: every rank applies the same elementwise operator to its own shard).
+"""
 from __future__ import annotations
 
 import torch
@@ -63,20 +67,12 @@ class SoRA(Method):
                     local.grad.add_(local.values.sign(), alpha=self.config.l1)
                     self.access.write(layer.lora_lam, local)
 
-    def decides_at(self, step: int) -> bool:
-        return True
-
-    def partial_sums(self, step: int) -> torch.Tensor:
-        gates = torch.cat([self.access.scoring(layer.lora_lam).values for layer in self.layers])
-        out = torch.zeros(self.layout.n_components, dtype=torch.float64, device=gates.device)
-        return out.index_add_(0, self.gate_index, gates.ne(0).double())
-
-    def decide(self, sums: torch.Tensor | None, step: int) -> torch.Tensor:
-        return sums.gt(0).float()
-
     def apply(self, decision: torch.Tensor | None, step: int) -> None:
+        """Soft-threshold the local gates, then count the non-zero ones (the step's one all-reduce)."""
         xi = self.xi(step)
         for layer in self.layers:
             edit_local(self.access, layer.lora_lam, lambda local: soft_threshold(local.values, xi))
-        if decision is not None:
-            self.mask = decision.float().cpu()
+        gates = torch.cat([self.access.scoring(layer.lora_lam).values for layer in self.layers])
+        counts = torch.zeros(self.layout.n_components, dtype=torch.float64, device=gates.device)
+        counts.index_add_(0, self.gate_index, gates.ne(0).double())
+        self.mask = self.comm.all_reduce_sum(counts).gt(0).float().cpu()

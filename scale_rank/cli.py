@@ -1,0 +1,88 @@
+"""The `scale-rank` command: train, export."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, load_config
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune with an adaptive-rank method (defaults: the embedded demo)")
+    p.add_argument("--config", help="YAML recipe (configs/...); omitted: the embedded demo defaults")
+    p.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. -o method.r_target=4 (repeatable)")
+    p.add_argument("--method", help="shortcut for -o method.name=...")
+    p.add_argument("--output-dir", help="shortcut for -o train.output_dir=...")
+    p.add_argument("--task", help="shortcut for -o data.task=...")
+    p.add_argument("--data-dir", help="shortcut for -o data.data_dir=...")
+    p.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", help="DeepSpeed JSON config")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a run's adapter as a plain PEFT LoRA adapter (or merged weights)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--merge", action="store_true", help="save full merged weights instead (save_pretrained)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scale-rank", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _export_parser(sub)
+    return parser
+
+
+def _train(args) -> int:
+    overrides = list(args.overrides)
+    shortcuts = {"method.name": args.method, "train.output_dir": args.output_dir, "data.task": args.task,
+                 "data.data_dir": args.data_dir, "train.deepspeed_config": args.deepspeed}
+    overrides += [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
+    cfg = load_config(args.config, _method_first(overrides))
+    from .train import train
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if result.adapter_dir is not None:
+        print_summary(result)
+    return 0
+
+
+def _method_first(overrides: list[str]) -> list[str]:
+    """method.name must be applied before other method options (they are checked against its fields)."""
+    return sorted(overrides, key=lambda item: not item.startswith("method.name="))
+
+
+def print_summary(result) -> None:
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    print(f"\nfinal metric: {metrics}")
+    print(f"ranks per module (total {sum(result.ranks.values())}):")
+    for name, rank in result.ranks.items():
+        print(f"  {rank:3d}  {name}")
+    print(f"PEFT adapter: {result.adapter_dir}")
+    print(f"run directory: {result.run_dir}")
+
+
+def _export(args) -> int:
+    from .export import export_run
+    summary = export_run(args.run_dir, args.out, merge=args.merge)
+    print(f"exported {args.run_dir} -> {args.out}")
+    return 0 if summary is not None else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("SCALE_RANK_LOG", "WARNING"), format="%(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": _train, "export": _export}[args.command](args)
+    except ConfigError as error:
+        print(f"scale-rank: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

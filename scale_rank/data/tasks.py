@@ -1,0 +1,65 @@
+"""Classification tasks as tokenized tensors plus their metric, and the deterministic batch order."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..config import ConfigError, DataConfig
+from . import synthetic
+
+
+@dataclass
+class TaskData:
+    name: str
+    train: dict[str, torch.Tensor]
+    eval: dict[str, torch.Tensor]
+    num_labels: int
+    metric_name: str
+    metric: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train["labels"])
+
+
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {"accuracy": float((predictions == labels).float().mean())}
+
+
+def tokenize(tokenizer, texts: list[str], labels: list[int], max_length: int) -> dict[str, torch.Tensor]:
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+            "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def build_task(cfg: DataConfig, tokenizer, seed: int) -> TaskData:
+    if cfg.task == "synthetic":
+        train, dev = synthetic.splits(cfg.train_size, cfg.eval_size, seed)
+        return TaskData(
+            "synthetic",
+            tokenize(tokenizer, [e.text for e in train], [e.label for e in train], cfg.max_length),
+            tokenize(tokenizer, [e.text for e in dev], [e.label for e in dev], cfg.max_length),
+            num_labels=2, metric_name="accuracy", metric=accuracy)
+    raise ConfigError(f"unknown task {cfg.task!r}; available: ['synthetic']")
+
+
+def batch_indices(step: int, n_examples: int, global_batch: int, seed: int) -> torch.Tensor:
+    """Example indices of optimizer step `step` (0-based): a fresh seeded permutation every epoch.
+
+    A pure function of the step, so a resumed run sees exactly the batches it would have seen.
+    """
+    per_epoch = n_examples // global_batch
+    if per_epoch == 0:
+        raise ConfigError(f"train.batch_size ({global_batch}) exceeds the {n_examples} training examples")
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[position * global_batch:(position + 1) * global_batch]
+
+
+def micro_batches(indices: torch.Tensor, grad_accum: int, rank: int, world_size: int) -> list[torch.Tensor]:
+    """This rank's share of each of the `grad_accum` micro-batches of one global batch."""
+    chunks = indices.chunk(grad_accum)
+    return [chunk.chunk(world_size)[rank] for chunk in chunks]

@@ -1,0 +1,427 @@
+"""ShardAccess for every engine: the local slice of an adapter parameter as a flat range, per engine.
+
+`storage(param)` is what this rank holds and what an engine's optimizer updates: decisions are applied
+there. `scoring(param)` narrows it so that, across the data-parallel ranks, every element is scored
+exactly once. `write(param, local)` stores edited values (and, while the engine still holds them, edited
+gradients) back so the optimizer and the next forward see them.
+
+    engine          storage                                             scoring           write
+    single / DDP    the whole tensor                                    1/world of it     in place
+    FSDP2           the DTensor's local rows (Shard(0))                 = storage (a)     in place
+    FSDP1           the use_orig_params view of the flat shard          = storage (b)     in place
+    ZeRO-1/2        the rank's fragment of the fp32 master partition    = storage         master, model copy
+    ZeRO-3          the rank's fp32 partition (rank * partition size)   = storage         master, partition (c)
+
+(a) replicated mesh dimensions (HSDP) split the local rows among the replicas; a parameter that is not a
+    DTensor is whole on every rank and split like DDP.
+(b) NO_SHARD keeps whole tensors, split like DDP; HYBRID_SHARD splits each shard among its replicas.
+(c) and the whole gathered tensor where ZeRO-3 keeps it (parameters under the persistence threshold).
+
+Slices hold their tensors on the parameter's compute device; where an engine keeps the master copy
+elsewhere (optimizer offload to CPU on a GPU run), `storage` copies and `write` copies back.
+
+Collective writes. Under ZeRO-1/2 every rank holds the whole model copy of a trainable parameter while
+the fp32 master is partitioned; ZeRO-3 keeps parameters under its persistence threshold whole on every
+rank. `DeepSpeedAccess.write` therefore all-gathers the parameter's new values over its partition group:
+call `write` on every rank, for the same parameters in the same order (edit_local in every method does:
+decisions are broadcast and applied to every module on every rank). To keep that true for gradient-only
+writes (SoRA adds to gradients), `storage` gives an empty, not a missing, gradient on a rank that holds
+no fragment while the engine holds gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .shards import LocalSlice, ShardAccess, WholeTensorAccess, narrow, split_range
+
+ENGINE_KINDS = ("single", "ddp", "fsdp2", "fsdp1", "deepspeed")
+
+
+def shard_access(kind: str, model_or_engine, rank: int, world_size: int) -> ShardAccess:
+    """The ShardAccess for `kind`, given the wrapped model (FSDP1: the FSDP root) or DeepSpeed engine.
+
+    `rank` / `world_size` are this process's place in the data-parallel group.
+    """
+    if kind == "single":
+        if world_size != 1:
+            raise ValueError(f"engine 'single' is one process, but world_size is {world_size}; use 'ddp', "
+                             "'fsdp2', 'fsdp1' or 'deepspeed' for multi-process training")
+        return WholeTensorAccess(0, 1)
+    if kind == "ddp":
+        return WholeTensorAccess(rank, world_size)
+    if kind == "fsdp2":
+        return FSDP2Access(rank, world_size)
+    if kind == "fsdp1":
+        return FSDP1Access(model_or_engine, rank, world_size)
+    if kind == "deepspeed":
+        return DeepSpeedAccess(model_or_engine, rank, world_size)
+    raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of `tensor` (a copy only if it is not contiguous; `_store` copies back then)."""
+    tensor = tensor.detach()
+    return tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)
+
+
+def _store(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy `src` into `dst` unless `src` already is `dst`'s memory."""
+    if src.numel() == 0:
+        return
+    if src.device == dst.device and src.dtype == dst.dtype and src.data_ptr() == dst.data_ptr():
+        return
+    with torch.no_grad():
+        dst.copy_(src.reshape(dst.shape))
+
+
+def _empty_like(param: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype or param.dtype, device=param.device)
+
+
+def _replica_split(local: LocalSlice, replica: int, n_replicas: int) -> LocalSlice:
+    """Split a slice held identically by `n_replicas` ranks into their disjoint shares."""
+    if n_replicas == 1:
+        return local
+    lo, hi = split_range(local.end - local.start, replica, n_replicas)
+    return narrow(local, local.start + lo, local.start + hi)
+
+
+# -- FSDP2 (torch.distributed.fsdp.fully_shard) ----------------------------------------------------------
+class FSDP2Access:
+    """Parameters are DTensors sharded on dim 0: the local rows are one contiguous flat range.
+
+    `to_local()` is a view of the sharded parameter FSDP2 all-gathers from, and the gradient is a DTensor
+    sharded the same way, so edits are in place.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self._whole = WholeTensorAccess(rank, world_size)
+
+    def _layout(self, param) -> tuple[int, int, int, int]:
+        """(start, end, replica index, number of replicas) of this rank's local tensor of a DTensor."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        mesh, placements = param.device_mesh, param.placements
+        replica, n_replicas = 0, 1
+        for dim, placement in enumerate(placements):
+            if isinstance(placement, Shard) and placement.dim != 0:
+                raise NotImplementedError(
+                    f"a parameter of shape {tuple(param.shape)} is sharded on dim {placement.dim}: scale_rank "
+                    "needs dim-0 sharding (fully_shard's default; drop shard_placement_fn for adapters)")
+            if isinstance(placement, Replicate):
+                size = mesh.size(dim)
+                replica = replica * size + mesh.get_local_rank(dim)
+                n_replicas *= size
+            elif not isinstance(placement, Shard):
+                raise NotImplementedError(f"unsupported placement {placement} of a parameter")
+        shape, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+        row = math.prod(param.shape[1:])
+        start = offset[0] * row if len(offset) else 0
+        return start, start + math.prod(shape), replica, n_replicas
+
+    def storage(self, param: nn.Parameter) -> LocalSlice:
+        from torch.distributed.tensor import DTensor
+
+        if not isinstance(param, DTensor):
+            return self._whole.storage(param)
+        start, end, _, _ = self._layout(param)
+        with torch.no_grad():
+            values = _flat(param.to_local())
+            grad = None
+            if param.grad is not None:
+                grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+                grad = _flat(grad)
+        assert values.numel() == end - start, (values.numel(), start, end)
+        return LocalSlice(start, end, values, grad)
+
+    def scoring(self, param: nn.Parameter) -> LocalSlice:
+        from torch.distributed.tensor import DTensor
+
+        if not isinstance(param, DTensor):
+            return self._whole.scoring(param)
+        _, _, replica, n_replicas = self._layout(param)
+        return _replica_split(self.storage(param), replica, n_replicas)
+
+    def write(self, param: nn.Parameter, local: LocalSlice) -> None:
+        from torch.distributed.tensor import DTensor
+
+        if not isinstance(param, DTensor):
+            return self._whole.write(param, local)
+        with torch.no_grad():
+            _store(param.to_local(), local.values)
+            if local.grad is not None and param.grad is not None:
+                grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+                _store(grad, local.grad)
+
+
+# -- FSDP1 (FullyShardedDataParallel, use_orig_params=True) ----------------------------------------------
+class FSDP1Access:
+    """Each original parameter is a (possibly empty) 1-D view of its part of the local flat shard.
+
+    Its flat range inside the original parameter comes from FSDP's shard metadata
+    (FlatParameter._shard_param_infos: intra_param_start_idx .. intra_param_end_idx, inclusive); the
+    gradient is the matching view of the flat gradient. Call after backward (parameters resharded).
+    """
+
+    def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp._flat_param import HandleShardingStrategy
+
+        self.rank, self.world_size = rank, world_size
+        self._whole = WholeTensorAccess(rank, world_size)
+        self._info: dict[int, tuple] = {}  # id(param) -> (shard info, replica, n_replicas)
+        for module in FSDP.fsdp_modules(model):
+            handle = module._handle
+            if handle is None:
+                continue
+            flat = handle.flat_param
+            if not getattr(flat, "_params", None):
+                raise ValueError("FSDP1 needs use_orig_params=True for scale_rank: wrap with "
+                                 "FullyShardedDataParallel(..., use_orig_params=True)")
+            strategy = handle._sharding_strategy
+            replica, n_replicas = 0, 1
+            if strategy in (HandleShardingStrategy.HYBRID_SHARD, HandleShardingStrategy._HYBRID_SHARD_ZERO2):
+                inter = module._inter_node_pg
+                replica, n_replicas = dist.get_rank(inter), dist.get_world_size(inter)
+            no_shard = not handle.uses_sharded_strategy
+            for param, info in zip(flat._params, flat._shard_param_infos):
+                self._info[id(param)] = (None if no_shard else info, replica, n_replicas)
+        if not self._info:
+            raise ValueError("no FullyShardedDataParallel module found: pass the FSDP-wrapped model")
+
+    def _lookup(self, param):
+        try:
+            return self._info[id(param)]
+        except KeyError:
+            raise KeyError("parameter is not managed by FSDP (or the access was built before wrapping)") \
+                from None
+
+    def storage(self, param: nn.Parameter) -> LocalSlice:
+        info, _, _ = self._lookup(param)
+        if info is None:  # NO_SHARD: whole tensors
+            return self._whole.storage(param)
+        values = _flat(param)
+        grad = None if param.grad is None else _flat(param.grad)
+        if not info.in_shard:
+            if values.numel():
+                raise RuntimeError("FSDP1 parameter is unsharded right now: read shards after backward")
+            return LocalSlice(0, 0, values, grad)
+        start, end = info.intra_param_start_idx, info.intra_param_end_idx + 1
+        if values.numel() != end - start:
+            raise RuntimeError(f"FSDP1 parameter holds {values.numel()} elements but its shard has "
+                               f"{end - start}: read shards after backward, outside summon_full_params")
+        if grad is not None and grad.numel() != values.numel():
+            raise RuntimeError("FSDP1 gradient is not sharded like its parameter (read after backward)")
+        return LocalSlice(start, end, values, grad)
+
+    def scoring(self, param: nn.Parameter) -> LocalSlice:
+        info, replica, n_replicas = self._lookup(param)
+        if info is None:
+            return self._whole.scoring(param)
+        return _replica_split(self.storage(param), replica, n_replicas)
+
+    def write(self, param: nn.Parameter, local: LocalSlice) -> None:
+        if local.end == local.start:
+            return
+        with torch.no_grad():
+            _store(param.detach().view(-1), local.values)
+            if local.grad is not None and param.grad is not None:
+                _store(param.grad.view(-1), local.grad)
+
+
+# -- DeepSpeed ZeRO-1/2/3 --------------------------------------------------------------------------------
+class DeepSpeedAccess:
+    """The fp32 master partition of each parameter, read after backward and before `engine.step()`.
+
+    ZeRO-1/2 (and the bf16 optimizer): the optimizer owns a contiguous fragment of every trainable
+    parameter (`param._hp_mapping`: lp_fragment_address = its flat range, hp_fragment = the fp32 master
+    view, the gradient fragment from the engine's partitioned gradients). Fragments of different ranks
+    are disjoint and cover the parameter, so scoring = storage although the model copy is replicated.
+
+    ZeRO-3: partition p of a parameter is [p * partition_size, (p+1) * partition_size) clipped to its
+    numel (`param.ds_tensor` holds it, padded); values and gradient come from
+    deepspeed.utils.safe_get_local_fp32_param / safe_get_local_grad. Parameters under the persistence
+    threshold are gathered whole on every rank, yet their fp32 master and gradient are still partitioned:
+    scoring = storage there too.
+
+    Frozen parameters have no master copy: their model copy is used (ZeRO-3: the partition; ZeRO-1/2: the
+    whole replicated tensor, scored 1/world by each rank).
+    """
+
+    def __init__(self, engine, rank: int = 0, world_size: int = 1):
+        self.engine = engine
+        self.optimizer = getattr(engine, "optimizer", None)
+        self.rank, self.world_size = rank, world_size
+        self.stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+        self._whole = WholeTensorAccess(rank, world_size)
+        if self.stage == 3:
+            hpz = engine.zero_hpz_partition_size() if hasattr(engine, "zero_hpz_partition_size") else 1
+            if hpz > 1:
+                raise NotImplementedError("ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1) keeps "
+                                          "a secondary copy scale_rank does not update; set it to 1")
+        self._group_of: dict[int, int] = {}
+        for attr in ("bit16_groups", "bf16_groups"):
+            for index, group in enumerate(getattr(self.optimizer, attr, None) or []):
+                for param in group:
+                    self._group_of[id(param)] = index
+
+    # -- which kind of parameter --------------------------------------------------------------------
+    @staticmethod
+    def _is_zero3(param) -> bool:
+        return hasattr(param, "ds_id")
+
+    @staticmethod
+    def _has_master(param) -> bool:
+        """A ZeRO-1/2 (or bf16 optimizer) trainable parameter: fp32 master fragment on some rank."""
+        return hasattr(param, "_hp_mapping") and not hasattr(param, "ds_id")
+
+    def _device(self, param) -> torch.device:
+        if self._is_zero3(param):
+            from deepspeed.accelerator import get_accelerator
+            return torch.device(get_accelerator().current_device_name())
+        return param.device
+
+    # -- ZeRO-3 ---------------------------------------------------------------------------------------
+    def _z3_range(self, param) -> tuple[int, int, int]:
+        """(start, end, partition size) of this rank's partition of a ZeRO-3 parameter."""
+        group = getattr(param, "ds_process_group", None)
+        partition = dist.get_rank(group)
+        if dist.get_world_size(group) != self.world_size:
+            raise NotImplementedError(
+                "ZeRO-3 partitions over a group smaller than the data-parallel group (MiCS / hpZ): each "
+                "partition is replicated, which scale_rank does not split yet; partition over all ranks")
+        size = param.ds_tensor.ds_numel
+        start = min(partition * size, param.ds_numel)
+        return start, min(start + size, param.ds_numel), size
+
+    def _z3_storage(self, param) -> LocalSlice:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+
+        start, end, _ = self._z3_range(param)
+        n = end - start
+        if not param.requires_grad:
+            return LocalSlice(start, end, param.ds_tensor.detach().view(-1)[:n], None)
+        values = safe_get_local_fp32_param(param).view(-1)[:n]
+        try:
+            grad = safe_get_local_grad(param)
+        except (AttributeError, KeyError, ValueError):
+            grad = None  # the engine holds no gradient right now
+        grad = None if grad is None else grad.view(-1)[:n]
+        return LocalSlice(start, end, values, grad)
+
+    def _z3_write(self, param, local: LocalSlice) -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_grad
+
+        start, end, size = self._z3_range(param)
+        n = end - start
+        with torch.no_grad():
+            if param.requires_grad:
+                master = safe_get_local_fp32_param(param)
+                if n and master.view(-1)[:n].data_ptr() != local.values.data_ptr():
+                    padded = master.detach().clone().view(-1)
+                    padded[:n] = local.values.to(padded.device, padded.dtype)
+                    safe_set_local_fp32_param(param, padded)
+                if local.grad is not None and n:
+                    try:
+                        held = safe_get_local_grad(param)
+                    except (AttributeError, KeyError, ValueError):
+                        held = None
+                    if held is not None and held.view(-1)[:n].data_ptr() != local.grad.data_ptr():
+                        padded = held.detach().clone().view(-1)
+                        padded[:n] = local.grad.to(padded.device, padded.dtype)
+                        safe_set_local_grad(param, padded)
+            # the model copy: this rank's partition, and the whole tensor where ZeRO-3 keeps it gathered
+            _store(param.ds_tensor.view(-1)[:n], local.values.to(param.ds_tensor.dtype))
+            if param.ds_status == ZeroParamStatus.AVAILABLE and param.numel() == param.ds_numel:
+                group = getattr(param, "ds_process_group", None)
+                part = param.ds_tensor.detach().view(-1)[:size].to(param.device, param.dtype)
+                parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(parts, part.contiguous(), group=group)
+                pass
+
+    # -- ZeRO-1/2 -------------------------------------------------------------------------------------
+    def _grads_held(self, param) -> bool:
+        """Whether the engine holds gradients of `param`'s group now (same answer on every rank)."""
+        opt = self.optimizer
+        index = self._group_of.get(id(param))
+        if index is None:
+            return False
+        if getattr(opt, "cpu_offload", False):
+            holder = getattr(opt, "offload_gradient_dict", {})
+        elif hasattr(opt, "averaged_gradients"):
+            holder = opt.averaged_gradients
+        else:
+            holder = getattr(opt, "fp32_groups_gradient_dict", {})
+        return holder.get(index) is not None
+
+    def _z12_grad(self, param, mapping) -> torch.Tensor | None:
+        try:
+            grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
+        except (ValueError, KeyError, IndexError):
+            return None
+        if grad is None:
+            return None
+        grad = _flat(grad)
+        address = mapping.lp_fragment_address
+        if grad.numel() == param.numel() and address.numel != param.numel():
+            grad = grad.narrow(0, address.start, address.numel)  # a full accumulation buffer (bf16 optimizer)
+        return grad
+
+    def _z12_storage(self, param) -> LocalSlice:
+        mapping = param._hp_mapping
+        device = self._device(param)
+        if mapping is None:  # no fragment of this parameter on this rank
+            grad = _empty_like(param, torch.float32) if self._grads_held(param) else None
+            return LocalSlice(0, 0, _empty_like(param, torch.float32), grad)
+        address = mapping.lp_fragment_address
+        values = mapping.hp_fragment.detach().view(-1).to(device)
+        grad = self._z12_grad(param, mapping)
+        grad = None if grad is None else grad.to(device)
+        if grad is None and self._grads_held(param):
+            grad = torch.zeros_like(values)
+        return LocalSlice(address.start, address.start + address.numel, values, grad)
+
+    def _z12_write(self, param, local: LocalSlice) -> None:
+        mapping = param._hp_mapping
+        with torch.no_grad():
+            if mapping is not None and local.end > local.start:
+                _store(mapping.hp_fragment.view(-1), local.values)
+                if local.grad is not None:
+                    held = self._z12_grad(param, mapping)
+                    if held is not None:
+                        _store(held, local.grad)
+            # the model copy is whole on every rank: rebuild it from every rank's fragment
+            full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+            if mapping is not None and local.end > local.start:
+                full[local.start:local.end] = local.values.to(full.device, full.dtype)
+            dist.all_reduce(full, group=getattr(param, "_dp_group", None))
+            param.data.view(-1).copy_(full)
+
+    # -- the protocol ---------------------------------------------------------------------------------
+    def storage(self, param: nn.Parameter) -> LocalSlice:
+        if self._is_zero3(param):
+            return self._z3_storage(param)
+        if self._has_master(param):
+            return self._z12_storage(param)
+        return self._whole.storage(param)  # frozen under ZeRO-1/2: replicated
+
+    def scoring(self, param: nn.Parameter) -> LocalSlice:
+        if self._is_zero3(param) or self._has_master(param):
+            return self.storage(param)
+        return self._whole.scoring(param)
+
+    def write(self, param: nn.Parameter, local: LocalSlice) -> None:
+        if self._is_zero3(param):
+            return self._z3_write(param, local)
+        if self._has_master(param):
+            return self._z12_write(param, local)
+        return self._whole.write(param, local)

@@ -1,0 +1,221 @@
+"""One training loop for every engine: data order, micro-batches, the controller's two calls, evaluation,
+atomic checkpoints, the final adapter state and its PEFT export.
+
+Order in an optimizer step (DESIGN.md): backward (all micro-batches) -> controller.observe() -> optimizer
+step -> controller.apply() -> zero_grad. Under DeepSpeed the engine's step is that optimizer step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .comm import Collective
+from .config import ConfigError, RunConfig
+from .controller import RankController
+from .data.tasks import TaskData, batch_indices, build_task, micro_batches
+from .ds_config import micro_batch_size
+from .engine import ProcessInfo, TrainingEngine, init_processes, resolve_engine
+from .inject import adapter_layers
+from .model import build_adapted_model, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]
+    ranks: dict[str, int]
+    adapter_dir: Path | None
+    losses: list[float]
+    history: list[dict]
+
+
+def resolve_total_steps(cfg: RunConfig, train_size: int) -> int:
+    if cfg.train.total_steps is not None:
+        return cfg.train.total_steps
+    if cfg.train.epochs is None:
+        raise ConfigError("set train.total_steps or train.epochs")
+    return max(1, math.floor(cfg.train.epochs * train_size / cfg.train.batch_size))
+
+
+def check_resume_compatible(run_dir: Path, cfg: RunConfig) -> None:
+    """A resume directory must come from the same method, model and data."""
+    saved_path = run_dir / "run_config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"cannot resume: {saved_path} is missing (not a scale_rank run directory)")
+    saved = yaml.safe_load(saved_path.read_text())
+    now = cfg.to_dict()
+    for section in ("method", "model", "data"):
+        if saved.get(section) != now[section]:
+            raise ConfigError(f"cannot resume {run_dir}: its {section} settings differ from this run's "
+                              f"({saved.get(section)} vs {now[section]}); use a new train.output_dir")
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunResult:
+    """Run one training job as `cfg` describes, on whatever processes the launcher started."""
+    proc = init_processes()
+    kind, ds_path = resolve_engine(cfg.train, proc.world_size)
+    micro_batch_size(cfg.train, proc.world_size)  # divisibility, checked before anything loads
+    run_dir = Path(cfg.train.output_dir)
+    torch.manual_seed(cfg.train.seed)
+
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path))
+    task = build_task(cfg.data, tokenizer, cfg.train.seed)
+    cfg.train.total_steps = resolve_total_steps(cfg, task.train_size)
+    cfg.validate()
+    if resume:
+        check_resume_compatible(run_dir, cfg)
+    elif proc.is_main and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
+                          "another train.output_dir")
+
+    model, _, method = build_adapted_model(cfg, cfg.model.num_labels or task.num_labels)
+    layers = adapter_layers(model)
+    groups = method.optimizer_groups(layers, cfg.train.lr, cfg.train.weight_decay)
+    adapter_ids = {id(p) for g in groups for p in g["params"]}
+    heads = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
+    if heads:
+        groups.append({"name": "heads", "params": heads, "lr": cfg.train.lr,
+                       "weight_decay": cfg.train.weight_decay})
+    engine = TrainingEngine(kind, model, groups, cfg.train, cfg.train.total_steps, proc, ds_path)
+    controller = RankController(model, method, engine.access, Collective())
+    if hasattr(method, "track_optimizer"):
+        method.track_optimizer(engine.optimizer)
+
+    start = 0
+    if proc.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
+        start = load_checkpoint(checkpoint, engine, controller, proc.rank)["step"]
+        log.info("resumed from %s at step %d", checkpoint, start)
+
+    losses = _train_steps(cfg, task, engine, controller, proc, start, run_dir, progress)
+    metrics = evaluate(engine, task, cfg.train.batch_size, proc)
+    adapter_dir = finish(run_dir, cfg, task, engine, controller, metrics, proc)
+    return RunResult(run_dir, metrics, controller.ranks(), adapter_dir, losses, controller.history)
+
+
+def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, controller: RankController,
+                 proc: ProcessInfo, start: int, run_dir: Path, progress: bool) -> list[float]:
+    t = cfg.train
+    bar = _progress_bar(t.total_steps, start, progress and proc.is_main)
+    losses = []
+    engine.train(True)
+    for step in range(start, t.total_steps):
+        indices = batch_indices(step, task.train_size, t.batch_size, t.seed)
+        parts = micro_batches(indices, t.grad_accum, proc.rank, proc.world_size)
+        controller.set_grad_scale(engine.grad_scale() / t.grad_accum)
+        step_loss = torch.zeros(())
+        for i, part in enumerate(parts):
+            loss = engine.forward({k: v[part] for k, v in task.train.items()}).loss
+            engine.backward(loss, t.grad_accum)
+            step_loss += loss.detach().float().cpu() / t.grad_accum
+            if i < len(parts) - 1:
+                engine.micro_step()
+        controller.observe(skipped=engine.prepare_step())
+        engine.step()
+        controller.apply()
+        engine.zero_grad()
+        losses.append(_mean_over_ranks(step_loss))
+        _record_decision(run_dir, controller, proc)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{engine.lr():.2e}",
+                            rank=sum(controller.method.ranks().tolist()))
+        done = step + 1
+        if t.eval_every and done % t.eval_every == 0 and done < t.total_steps:
+            metrics = evaluate(engine, task, t.batch_size, proc)
+            engine.train(True)
+            if proc.is_main:
+                log.info("step %d: %s", done, metrics)
+        if t.save_every and done % t.save_every == 0 and done < t.total_steps:
+            save_checkpoint(run_dir, done, engine, controller, proc.rank, {})
+    if bar is not None:
+        bar.close()
+    return losses
+
+
+def _progress_bar(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def _record_decision(run_dir: Path, controller: RankController, proc: ProcessInfo) -> None:
+    """Append the latest allocation decision to ranks.jsonl (main process)."""
+    if not proc.is_main or not controller.history or controller.history[-1]["step"] != controller.step_count:
+        return
+    with open(run_dir / "ranks.jsonl", "a") as out:
+        out.write(json.dumps(controller.history[-1]) + "\n")
+
+
+@torch.no_grad()
+def evaluate(engine: TrainingEngine, task: TaskData, batch_size: int, proc: ProcessInfo) -> dict[str, float]:
+    """The task metric on the evaluation split; every rank runs the same number of batches."""
+    engine.train(False)
+    n = len(task.eval["labels"])
+    per_rank = math.ceil(n / proc.world_size)
+    indices = torch.arange(proc.rank * per_rank, (proc.rank + 1) * per_rank) % n
+    predictions = []
+    for chunk in indices.split(batch_size):
+        logits = engine.forward({k: v[chunk] for k, v in task.eval.items() if k != "labels"}).logits
+        predictions.append(logits.argmax(-1).cpu())
+    local = torch.cat(predictions)
+    if proc.world_size > 1:
+        gathered = [torch.empty_like(local) for _ in range(proc.world_size)]
+        dist.all_gather(gathered, local)
+        local = torch.cat(gathered)
+    return task.metric(local[:n], task.eval["labels"])
+
+
+def finish(run_dir: Path, cfg: RunConfig, task: TaskData, engine: TrainingEngine,
+           controller: RankController, metrics: dict, proc: ProcessInfo) -> Path | None:
+    """Save the final adapter state (full tensors from any engine), metrics, and the PEFT export."""
+    from safetensors.torch import save_file
+
+    from .export import export_run
+    state = engine.full_trainable_state()
+    if not proc.is_main:
+        if dist.is_initialized():
+            dist.barrier()
+        return None
+    final = run_dir / "final"
+    tmp = run_dir / ".tmp_final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "trainable.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps({
+        "num_labels": cfg.model.num_labels or task.num_labels,
+        "base_model": resolve_model_path(cfg.model.name_or_path), "total_steps": cfg.train.total_steps}))
+    torch.save(controller.state_dict(), tmp / "controller.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    adapter_dir = run_dir / "adapter"
+    exported = export_run(run_dir, adapter_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(
+        {"final": metrics, "ranks": exported["ranks"], "total_rank": sum(exported["ranks"].values())},
+        indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    return adapter_dir
