@@ -46,7 +46,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, controller, rank: int, extra: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, engine, controller, rank: int) -> Path:
     """Write step `step` atomically; every rank calls this."""
     root = checkpoint_root(run_dir)
     name = f"step_{step:08d}"
@@ -56,7 +56,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, controller, rank: int, ext
         tmp.mkdir(parents=True)
     _barrier()
     engine.save_state(tmp)
-    torch.save({"step": step, "controller": controller.state_dict(), "rng": rng_state(), **extra},
+    torch.save({"step": step, "controller": controller.state_dict(), "rng": rng_state()},
                tmp / f"rank{rank}.pt")
     _barrier()
     if rank == 0:

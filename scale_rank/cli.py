@@ -11,6 +11,8 @@ from .config import ConfigError, load_config
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with an adaptive-rank method (defaults: the embedded demo)")
+    p.add_argument("assignments", nargs="*", metavar="SECTION.KEY=VALUE",
+                   help="config overrides, e.g. method.r_target=4 train.total_steps=300")
     p.add_argument("--config", help="YAML recipe (configs/...); omitted: the embedded demo defaults")
     p.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. -o method.r_target=4 (repeatable)")
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    overrides = list(args.overrides)
+    overrides = list(args.assignments) + list(args.overrides)
     shortcuts = {"method.name": args.method, "train.output_dir": args.output_dir, "data.task": args.task,
                  "data.data_dir": args.data_dir, "train.deepspeed_config": args.deepspeed}
     overrides += [f"{key}={value}" for key, value in shortcuts.items() if value is not None]

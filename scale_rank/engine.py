@@ -72,6 +72,13 @@ def resolve_engine(cfg: TrainConfig, world_size: int) -> tuple[str, str | None]:
     return kind, ds_config
 
 
+def adopt_launcher_precision(cfg: TrainConfig) -> None:
+    """`accelerate launch --mixed_precision bf16` (or its yaml) sets the precision unless the config did."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if cfg.precision == "fp32" and launcher in ("bf16", "fp16"):
+        cfg.precision = launcher
+
+
 def precision_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 

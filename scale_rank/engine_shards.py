@@ -335,7 +335,9 @@ class DeepSpeedAccess:
                         held = safe_get_local_grad(param)
                     except (AttributeError, KeyError, ValueError):
                         held = None
-                    if held is not None and held.view(-1)[:n].data_ptr() != local.grad.data_ptr():
+                    held_part = None if held is None else held.view(-1)[:n]
+                    if held_part is not None and held_part.data_ptr() != local.grad.data_ptr() \
+                            and not torch.equal(held_part, local.grad.to(held_part.device, held_part.dtype)):
                         padded = held.detach().clone().view(-1)
                         padded[:n] = local.grad.to(padded.device, padded.dtype)
                         safe_set_local_grad(param, padded)
@@ -346,7 +348,7 @@ class DeepSpeedAccess:
                 part = param.ds_tensor.detach().view(-1)[:size].to(param.device, param.dtype)
                 parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
                 dist.all_gather(parts, part.contiguous(), group=group)
-                pass
+                param.data.view(-1).copy_(torch.cat(parts)[:param.ds_numel])
 
     # -- ZeRO-1/2 -------------------------------------------------------------------------------------
     def _grads_held(self, param) -> bool:
@@ -397,7 +399,7 @@ class DeepSpeedAccess:
                 _store(mapping.hp_fragment.view(-1), local.values)
                 if local.grad is not None:
                     held = self._z12_grad(param, mapping)
-                    if held is not None:
+                    if held is not None and not torch.equal(held, local.grad.to(held.device, held.dtype)):
                         _store(held, local.grad)
             # the model copy is whole on every rank: rebuild it from every rank's fragment
             full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)

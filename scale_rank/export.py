@@ -354,8 +354,24 @@ def load_trainable(model: nn.Module, path: str | Path) -> None:
                          f"{unexpected[:3]}: the run config does not describe the saved model")
 
 
+def locate_state(path: str | Path) -> tuple[Path, Path]:
+    """(run_config.yaml, directory with trainable.safetensors) for a run directory (its final state) or
+    one of its checkpoints (run_dir/checkpoints/step_N)."""
+    path = Path(path)
+    if (path / TRAINABLE_FILE).is_file():
+        state_dir = path
+        run_dir = path.parent if path.name == "final" else path.parent.parent
+    else:
+        run_dir, state_dir = path, path / "final"
+    for needed in (run_dir / "run_config.yaml", state_dir / TRAINABLE_FILE, state_dir / META_FILE):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} is missing: {path} is neither a finished scale_rank run nor "
+                                    "one of its checkpoints")
+    return run_dir / "run_config.yaml", state_dir
+
+
 def load_run(run_dir: str | Path) -> tuple[nn.Module, object, dict]:
-    """Rebuild the trained model of a run directory: (model, tokenizer, meta).
+    """Rebuild the trained model of a run directory or checkpoint: (model, tokenizer, meta).
 
     Adapters and fully trained heads come from the run; frozen base weights from the base model (a
     random-init base is rebuilt from the run's seed, so it is the one trained on).
@@ -363,12 +379,8 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, object, dict]:
     from .config import load_config
     from .model import build_adapted_model
 
-    run_dir = Path(run_dir)
-    final = run_dir / "final"
-    for path in (run_dir / "run_config.yaml", final / TRAINABLE_FILE, final / META_FILE):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: {run_dir} is not a finished scale_rank run")
-    cfg = load_config(run_dir / "run_config.yaml")
+    config_path, final = locate_state(run_dir)
+    cfg = load_config(config_path)
     meta = json.loads((final / META_FILE).read_text())
     if cfg.train.total_steps is None:
         # Schedules are not used by an export, but some methods validate that a length exists.

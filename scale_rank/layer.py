@@ -80,6 +80,8 @@ class AdaptiveLoRALayer(nn.Module):
         self.register_buffer("input_sq_sum", torch.zeros(d_in, dtype=torch.float32, device=device),
                              persistent=False)
         self.merged = False
+        self._kept_key: tuple | None = None  # cache of _kept_components()
+        self._kept: torch.Tensor | None = None
 
     # -- initialisation helpers used by the methods --------------------------------------------------
     def init_gaussian(self, std: float = 0.02) -> None:
@@ -122,11 +124,29 @@ class AdaptiveLoRALayer(nn.Module):
 
     def orthogonality(self) -> torch.Tensor:
         """||A A^T - I||_F + ||B^T B - I||_F over all active components (AdaLoRA's code form)."""
-        keep = self.active.bool()
-        A = self.lora_A[keep].float()
-        B = self.lora_B[:, keep].float()
+        kept = self._kept_components()
+        if kept is None:  # every component active (AdaLoRA, SoRA): no gather, no scatter in backward
+            A = self.lora_A.view_as(self.lora_A).float()
+            B = self.lora_B.view_as(self.lora_B).float()
+        else:
+            A = self.lora_A.index_select(0, kept).float()
+            B = self.lora_B.index_select(1, kept).float()
         eye = torch.eye(A.shape[0], device=A.device)
         return torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+
+    def _kept_components(self) -> torch.Tensor | None:
+        """Indices of the active components (None: all of them), recomputed only when `active` changes.
+
+        Every in-place edit of `active` bumps its version counter, so the cached answer cannot go stale, and
+        the regularizer's forward (once per micro-batch) needs no boolean-mask indexing (a host sync on GPU).
+        """
+        active = self.active
+        key = (active.data_ptr(), active.device, active._version)
+        if self._kept_key != key:
+            keep = active.bool()
+            self._kept = None if bool(keep.all()) else keep.nonzero().flatten()
+            self._kept_key = key
+        return self._kept
 
     # -- dense views ---------------------------------------------------------------------------------
     def gate(self) -> torch.Tensor:

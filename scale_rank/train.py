@@ -10,8 +10,10 @@ import json
 import logging
 import math
 import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,11 +25,13 @@ from .config import ConfigError, RunConfig
 from .controller import RankController
 from .data.tasks import TaskData, batch_indices, build_task, micro_batches
 from .ds_config import micro_batch_size
-from .engine import ProcessInfo, TrainingEngine, init_processes, resolve_engine
+from .engine import (ProcessInfo, TrainingEngine, adopt_launcher_precision, init_processes,
+                     resolve_engine)
 from .inject import adapter_layers
 from .model import build_adapted_model, resolve_model_path
 
 log = logging.getLogger(__name__)
+_CRASH_AFTER = os.environ.get("SCALE_RANK_CRASH_AFTER_STEP")
 
 
 @dataclass
@@ -61,10 +65,18 @@ def check_resume_compatible(run_dir: Path, cfg: RunConfig) -> None:
                               f"({saved.get(section)} vs {now[section]}); use a new train.output_dir")
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunResult:
-    """Run one training job as `cfg` describes, on whatever processes the launcher started."""
+StepObserver = Callable[[int, RankController, float], None]
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
+          observer: StepObserver | None = None) -> RunResult:
+    """Run one training job as `cfg` describes, on whatever processes the launcher started.
+
+    `observer(step, controller, loss)` is called after every optimizer step (tests record masks with it).
+    """
     proc = init_processes()
     kind, ds_path = resolve_engine(cfg.train, proc.world_size)
+    adopt_launcher_precision(cfg.train)
     micro_batch_size(cfg.train, proc.world_size)  # divisibility, checked before anything loads
     run_dir = Path(cfg.train.output_dir)
     torch.manual_seed(cfg.train.seed)
@@ -101,14 +113,15 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
         start = load_checkpoint(checkpoint, engine, controller, proc.rank)["step"]
         log.info("resumed from %s at step %d", checkpoint, start)
 
-    losses = _train_steps(cfg, task, engine, controller, proc, start, run_dir, progress)
+    losses = _train_steps(cfg, task, engine, controller, proc, start, run_dir, progress, observer)
     metrics = evaluate(engine, task, cfg.train.batch_size, proc)
     adapter_dir = finish(run_dir, cfg, task, engine, controller, metrics, proc)
     return RunResult(run_dir, metrics, controller.ranks(), adapter_dir, losses, controller.history)
 
 
 def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, controller: RankController,
-                 proc: ProcessInfo, start: int, run_dir: Path, progress: bool) -> list[float]:
+                 proc: ProcessInfo, start: int, run_dir: Path, progress: bool,
+                 observer: StepObserver | None) -> list[float]:
     t = cfg.train
     bar = _progress_bar(t.total_steps, start, progress and proc.is_main)
     losses = []
@@ -130,6 +143,8 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
         engine.zero_grad()
         losses.append(_mean_over_ranks(step_loss))
         _record_decision(run_dir, controller, proc)
+        if observer is not None:
+            observer(step + 1, controller, losses[-1])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{engine.lr():.2e}",
@@ -141,7 +156,10 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
             if proc.is_main:
                 log.info("step %d: %s", done, metrics)
         if t.save_every and done % t.save_every == 0 and done < t.total_steps:
-            save_checkpoint(run_dir, done, engine, controller, proc.rank, {})
+            save_checkpoint(run_dir, done, engine, controller, proc.rank)
+            save_trainable_state(run_dir / "checkpoints" / f"step_{done:08d}", cfg, task, engine, controller)
+        if _CRASH_AFTER is not None and done == int(_CRASH_AFTER):
+            os._exit(17)  # fault injection for the kill-and-resume tests (SCALE_RANK_CRASH_AFTER_STEP)
     if bar is not None:
         bar.close()
     return losses
@@ -189,33 +207,41 @@ def evaluate(engine: TrainingEngine, task: TaskData, batch_size: int, proc: Proc
     return task.metric(local[:n], task.eval["labels"])
 
 
+def save_trainable_state(directory: Path, cfg: RunConfig, task: TaskData, engine: TrainingEngine,
+                         controller: RankController) -> None:
+    """Full adapter tensors (gathered from any engine) + meta into `directory` (collective; rank 0 writes).
+
+    Written beside every checkpoint and at the end, so `scale-rank export` works from any of them.
+    """
+    from safetensors.torch import save_file
+    state = engine.full_trainable_state()
+    if engine.proc.is_main:
+        tmp = directory.with_name(f".tmp_{directory.name}_trainable")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / "trainable.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({
+            "num_labels": cfg.model.num_labels or task.num_labels,
+            "base_model": resolve_model_path(cfg.model.name_or_path), "total_steps": cfg.train.total_steps}))
+        torch.save(controller.state_dict(), tmp / "controller.pt")
+        directory.mkdir(parents=True, exist_ok=True)
+        for item in tmp.iterdir():
+            os.replace(item, directory / item.name)
+        tmp.rmdir()
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def finish(run_dir: Path, cfg: RunConfig, task: TaskData, engine: TrainingEngine,
            controller: RankController, metrics: dict, proc: ProcessInfo) -> Path | None:
     """Save the final adapter state (full tensors from any engine), metrics, and the PEFT export."""
-    from safetensors.torch import save_file
-
     from .export import export_run
-    state = engine.full_trainable_state()
+    save_trainable_state(run_dir / "final", cfg, task, engine, controller)
     if not proc.is_main:
-        if dist.is_initialized():
-            dist.barrier()
         return None
-    final = run_dir / "final"
-    tmp = run_dir / ".tmp_final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state, str(tmp / "trainable.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({
-        "num_labels": cfg.model.num_labels or task.num_labels,
-        "base_model": resolve_model_path(cfg.model.name_or_path), "total_steps": cfg.train.total_steps}))
-    torch.save(controller.state_dict(), tmp / "controller.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
     adapter_dir = run_dir / "adapter"
     exported = export_run(run_dir, adapter_dir)
     (run_dir / "metrics.json").write_text(json.dumps(
         {"final": metrics, "ranks": exported["ranks"], "total_rank": sum(exported["ranks"].values())},
         indent=2))
-    if dist.is_initialized():
-        dist.barrier()
     return adapter_dir
