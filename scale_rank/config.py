@@ -161,6 +161,9 @@ class IncreLoRAConfig(MethodConfig):
         if self.restart_warmup is not None:
             _non_negative("method.restart_warmup", self.restart_warmup)
         _require_total_steps(self.name, total_steps)
+        if self.t_init is not None and self.t_init >= total_steps:
+            raise ConfigError(f"IncreLoRA t_init ({self.t_init}) >= total steps ({total_steps}): ranks would never "
+                              "grow; lower method.t_init or train longer")
 
 
 @dataclass
@@ -203,6 +206,11 @@ class ModelConfig:
     name_or_path: str = "minilm"  # "minilm": the offline all-MiniLM-L6-v2 encoder; else hub name or dir
     num_labels: int | None = None  # None: from the task
     random_init: bool = False  # build from the config at name_or_path with random weights (tests, dry runs)
+    quantization: str = "none"  # none | nf4 | fp4 | int8 (bitsandbytes; the base stays frozen)
+    double_quant: bool = False  # 4-bit: quantize the quantization constants too
+
+    def validate(self) -> None:
+        _choice("model.quantization", self.quantization, ("none", "nf4", "fp4", "int8"))
     targets: list[str] | str | None = None  # suffix list or one regex; None: defaults per model type
     trainable: list[str] | None = None  # extra modules trained in full (task heads); None: auto
 
@@ -260,6 +268,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "RunConfig":
+        self.model.validate()
         self.train.validate()
         self.method.validate(self.train.total_steps)
         return self

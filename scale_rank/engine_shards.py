@@ -306,8 +306,8 @@ class DeepSpeedAccess:
 
         start, end, _ = self._z3_range(param)
         n = end - start
-        if not param.requires_grad:
-            return LocalSlice(start, end, param.ds_tensor.detach().view(-1)[:n], None)
+        if not param.requires_grad:  # no master copy: the model copy's partition
+            return LocalSlice(start, end, param.ds_tensor.detach().view(-1)[:n].to(self._device(param)), None)
         values = safe_get_local_fp32_param(param).view(-1)[:n]
         try:
             grad = safe_get_local_grad(param)

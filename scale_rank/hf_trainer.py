@@ -43,6 +43,7 @@ from transformers import TrainerCallback
 
 from .controller import RankController
 from .inject import adapter_layers
+from .methods.sora import GATE_GROUP, SoRA
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class ScaleRankCallback(TrainerCallback):
         if controller._pending is not None:
             raise RuntimeError("RankController has an observe() without apply() pending: it was stepped by "
                                "hand outside the Trainer; use a fresh controller")
+        self._rebind_if_fresh(optimizer)
         self._sync_with_trainer(args, state)
         self._accum = max(1, int(args.gradient_accumulation_steps))
         self._scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer (fp16)
@@ -83,6 +85,25 @@ class ScaleRankCallback(TrainerCallback):
         if optimizer is None:
             raise RuntimeError("Trainer gave no optimizer to callbacks at train begin; cannot guard it")
         self._guard(optimizer)
+
+    def _rebind_if_fresh(self, optimizer) -> None:
+        """Bind the method again now that Trainer has placed the model (Trainer moves it to the GPU in its
+        constructor, after the controller was built on the CPU), as the engine-set-up step of the life cycle
+        asks (Method.bind: "once the engine has placed the parameters"). Only a controller that has not
+        stepped yet is rebound: that is idempotent apart from the device of the method's statistics."""
+        controller = self.controller
+        if controller.step_count or controller.history:
+            return
+        device = controller.layers[0].lora_A.device
+        if controller.reg_coef is not None and controller.reg_coef.device != device:
+            controller.reg_coef = controller.reg_coef.to(device)
+            for layer in controller.layers:
+                layer.reg_coef = controller.reg_coef
+        controller.method.bind(controller.layers, controller.access, controller.comm)
+        inner = _innermost_optimizer(optimizer) if optimizer is not None else None
+        if isinstance(controller.method, SoRA) and inner is not None and any(
+                g.get("name") == GATE_GROUP for g in inner.param_groups):
+            controller.method.track_optimizer(inner)  # xi_mode "lr" follows the gate group's live lr
 
     def _guard(self, optimizer) -> None:
         inner = _innermost_optimizer(optimizer)

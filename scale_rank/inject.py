@@ -110,6 +110,9 @@ def attach_adapters(model: nn.Module, sites: list[Site],
         layers.append(layer)
     for name in trainable_heads(model, trainable):
         for param in model.get_submodule(name).parameters():
+            if not param.dtype.is_floating_point:
+                raise ConfigError(f"task head {name} is quantized ({param.dtype}) and cannot train: keep heads "
+                                  "unquantized (llm_int8_skip_modules) or list other modules in model.trainable")
             param.requires_grad_(True)
     return layers
 

@@ -25,6 +25,11 @@ def base_dims(base: nn.Module) -> tuple[int, int]:
                     "Conv1D and bitsandbytes Linear4bit / Linear8bitLt")
 
 
+def is_quantized(base: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit base layer."""
+    return type(base).__name__ in ("Linear4bit", "Linear8bitLt") or hasattr(base.weight, "quant_state")
+
+
 def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
@@ -64,7 +69,10 @@ class AdaptiveLoRALayer(nn.Module):
         self.d_in, self.d_out, self.r_max = d_in, d_out, r_max
         self.site, self.layer_index, self.kind = site, layer_index, kind
         weight = base.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        if is_quantized(base):  # packed storage: adapters compute in the layer's compute dtype
+            dtype = getattr(base, "compute_dtype", None) or torch.float32
+        else:
+            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         device = weight.device
         self.lora_A = nn.Parameter(torch.zeros(r_max, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r_max, dtype=dtype, device=device))
@@ -171,6 +179,9 @@ class AdaptiveLoRALayer(nn.Module):
         self.merged = False
 
     def _shift_base(self, sign: float) -> None:
+        if is_quantized(self.base_layer):
+            raise RuntimeError(f"{self.site}: cannot merge into a quantized base; export the PEFT adapter, or "
+                               "load the base unquantized (model.quantization=none) to merge")
         if self.merged == (sign > 0):
             raise RuntimeError(f"{self.site}: adapter is already {'merged' if self.merged else 'unmerged'}")
         delta = self.delta_weight()

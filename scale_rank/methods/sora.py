@@ -57,7 +57,13 @@ class SoRA(Method):
     def xi(self, step: int) -> float:
         cfg = self.config
         xi = staged_linear(step, self.total_steps or 1, cfg.xi, cfg.xi_end, cfg.xi_stages)
-        return xi * self.gate_lr() if cfg.xi_mode == "lr" else xi
+        if cfg.xi_mode != "lr":
+            return xi
+        gate_lr = self.gate_lr()
+        if gate_lr is None:
+            raise RuntimeError("SoRA xi_mode='lr' needs the gates' learning rate: set method.gate_lr, or call "
+                               "method.track_optimizer(optimizer) once the optimizer is built")
+        return xi * gate_lr
 
     def before_step(self, step: int) -> None:
         if self.config.l1 > 0:  # gradient of l1 * sum |g|, added to the local gate gradients
