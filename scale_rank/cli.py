@@ -78,7 +78,15 @@ def _export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SCALE_RANK_LOG", "WARNING"), format="%(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.assignments += extra  # SECTION.KEY=VALUE items given after options
     try:
         return {"train": _train, "export": _export}[args.command](args)
     except ConfigError as error:

@@ -130,7 +130,7 @@ class TrainingEngine:
             policy = ModuleWrapPolicy({type(blocks[0])}) if blocks else None
             self.model = FullyShardedDataParallel(
                 model, use_orig_params=True, auto_wrap_policy=policy,
-                device_id=proc.device if proc.device.type == "cuda" else None)
+                device_id=proc.device)
         else:
             self.model = model
         param_groups = _groups_by_name(names, model, param_groups)  # FSDP replaces parameter objects
@@ -145,6 +145,9 @@ class TrainingEngine:
 
         from .ds_config import load_ds_config
         ds_config = load_ds_config(path, cfg, proc.world_size)
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if proc.device.type == "cpu" and offload in ("none", None):
+            ds_config["optimizer"]["params"].setdefault("torch_adam", True)  # no fused CUDA Adam on CPU
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
@@ -239,8 +242,8 @@ class TrainingEngine:
         wanted = set(self.trainable_names())
         if self.kind in ("fsdp1", "fsdp2"):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            state = get_model_state_dict(self.model, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+            state = get_model_state_dict(self.model, options=StateDictOptions(  # (offload segfaults on CPU)
+                full_state_dict=True, cpu_offload=self.proc.device.type != "cpu", ignore_frozen_params=True))
             state = {_clean(k): v for k, v in state.items()}
         elif self.kind == "deepspeed":
             from deepspeed.utils import safe_get_full_fp32_param

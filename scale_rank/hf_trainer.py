@@ -61,6 +61,7 @@ class ScaleRankCallback(TrainerCallback):
         self._accum = 1
         self._guarded: list[torch.optim.Optimizer] = []
         self._trainer_step = 0  # Trainer's global_step the controller is in step with
+        self._restore: dict | None = None  # a checkpoint's controller state, applied at train begin
 
     # -- setup -------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -144,12 +145,10 @@ class ScaleRankCallback(TrainerCallback):
                    os.path.join(folder, self._state_name()))
 
     def load(self, checkpoint_dir: str) -> None:
-        """Restore the controller saved with a Trainer checkpoint (done automatically on resume when the
-        checkpoint lies in `output_dir`)."""
-        saved = torch.load(os.path.join(checkpoint_dir, self._state_name()), map_location="cpu",
-                           weights_only=False)
-        self.controller.load_state_dict(saved["controller"])
-        self._trainer_step = saved["global_step"]
+        """Restore the controller saved with a Trainer checkpoint, at the next train begin (automatic on
+        resume when the checkpoint lies in `output_dir`; call this before train() for one elsewhere)."""
+        self._restore = torch.load(os.path.join(checkpoint_dir, self._state_name()), map_location="cpu",
+                                   weights_only=False)
 
     def _state_name(self) -> str:
         comm = self.controller.comm
@@ -165,12 +164,16 @@ class ScaleRankCallback(TrainerCallback):
             fresh = self.controller.step_count == 0 and not self.controller.history
             return state.global_step == self._trainer_step and (state.global_step > 0 or fresh)
 
-        if in_sync():
-            return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.global_step > 0 and os.path.isfile(os.path.join(folder, self._state_name())):
+        if self._restore is None and not in_sync() and state.global_step > 0 and os.path.isfile(
+                os.path.join(folder, self._state_name())):
             self.load(folder)
-            log.info("restored the %s controller from %s", self.controller.method.name, folder)
+        if self._restore is not None:  # after the rebind, so the statistics land on the model's device
+            self.controller.load_state_dict(self._restore["controller"])
+            self._trainer_step = self._restore["global_step"]
+            self._restore = None
+            log.info("restored the %s controller at Trainer step %d", self.controller.method.name,
+                     self._trainer_step)
         if not in_sync():
             raise RuntimeError(
                 f"Trainer starts at optimizer step {state.global_step} but the RankController has already run "
@@ -186,21 +189,42 @@ class ScaleRankCallback(TrainerCallback):
 def check_trainer(trainer) -> None:
     """Warn loudly if `trainer` trains scale_rank adapters that no ScaleRankCallback allocates.
 
-    Build the Trainer, then call this (scale_rank's own entry points do). The same warning comes from the
-    controller's forward hook after 64 training forward passes without observe()/apply().
+    Build the Trainer, then call this. The same warning comes from the controller's forward hook after 64
+    training forward passes without observe()/apply(); this one comes before the first step.
     """
     model = trainer.model
-    if not adapter_layers(model):
+    layers = adapter_layers(model)
+    if not layers:
         return
-    callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ScaleRankCallback)]
-    ours = {id(layer) for layer in adapter_layers(model)}
-    if any(id(cb.controller.layers[0]) in ours for cb in callbacks):
+    called = {id(cb.controller) for cb in trainer.callback_handler.callbacks if isinstance(cb, ScaleRankCallback)}
+    controllers = [c for c in _controllers_of(model) if c.method.name != "lora"]
+    if any(id(c) not in called for c in controllers):
+        problem = "has no ScaleRankCallback for their RankController"
+    elif not controllers and not called and not all(_plain_lora(layer) for layer in layers):
+        problem = "has no RankController (nor ScaleRankCallback) for them"
+    else:
         return
-    message = ("this Trainer trains scale_rank adapters but has no ScaleRankCallback for their RankController: "
-               "ranks are never allocated (adaptive methods train as plain LoRA). Pass "
-               "callbacks=[scale_rank.hf_trainer.ScaleRankCallback(controller)] to Trainer")
+    message = (f"this Trainer trains scale_rank adapters but {problem}: ranks are never allocated (adaptive "
+               "methods train as plain LoRA). Pass callbacks=[scale_rank.hf_trainer.ScaleRankCallback(controller)] "
+               "to Trainer")
     log.error(message)
     warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def _controllers_of(model) -> list[RankController]:
+    """The RankControllers attached to `model` (each registers a forward pre-hook on the model it was given)."""
+    found = []
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, RankController) and all(owner is not c for c in found):
+                found.append(owner)
+    return found
+
+
+def _plain_lora(layer) -> bool:
+    """An adapter whose method needs no controller: lam frozen, no statistics (LoRA)."""
+    return not layer.lora_lam.requires_grad and not layer.collect_input_stats and not layer.collect_dense_grad
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ class AdaptiveLoRALayer(nn.Module):
                 self.input_sq_sum += x.detach().reshape(-1, self.d_in).float().pow(2).sum(0)
         A, B = self.lora_A, self.lora_B
         x_in = self.dropout(x).to(A.dtype)
-        h = (x_in @ A.t()) * (self.lora_lam * self.active)
+        h = (x_in @ A.t()) * (self.lora_lam * self.active.to(A.dtype))
         delta = (h @ B.t()) * self.scale.to(A.dtype)
         if self.collect_dense_grad and delta.requires_grad:
             delta.register_hook(self._dense_grad_hook(x_in.detach()))

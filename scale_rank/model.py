@@ -75,9 +75,11 @@ def quantize_in_place(model: nn.Module, quantization) -> nn.Module:
     """Quantize a randomly initialised model the way from_pretrained would (via a temporary save)."""
     import tempfile
 
+    from safetensors.torch import save_model
     from transformers import AutoModelForSequenceClassification
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+    with tempfile.TemporaryDirectory() as tmp:  # each rank its own copy (save_pretrained writes on rank 0 only)
+        model.config.save_pretrained(tmp)
+        save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
         return AutoModelForSequenceClassification.from_pretrained(tmp, quantization_config=quantization)
 
 

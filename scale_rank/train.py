@@ -23,7 +23,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .comm import Collective
 from .config import ConfigError, RunConfig
 from .controller import RankController
-from .data.tasks import TaskData, batch_indices, build_task, micro_batches
+from .data.tasks import TaskData, batch_indices, build_task, micro_batches, padded_length, select
 from .ds_config import micro_batch_size
 from .engine import (ProcessInfo, TrainingEngine, adopt_launcher_precision, init_processes,
                      resolve_engine)
@@ -129,10 +129,11 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
     for step in range(start, t.total_steps):
         indices = batch_indices(step, task.train_size, t.batch_size, t.seed)
         parts = micro_batches(indices, t.grad_accum, proc.rank, proc.world_size)
+        length = padded_length(task.train, indices)
         controller.set_grad_scale(engine.grad_scale() / t.grad_accum)
         step_loss = torch.zeros(())
         for i, part in enumerate(parts):
-            loss = engine.forward({k: v[part] for k, v in task.train.items()}).loss
+            loss = engine.forward(select(task.train, part, length)).loss
             engine.backward(loss, t.grad_accum)
             step_loss += loss.detach().float().cpu() / t.grad_accum
             if i < len(parts) - 1:
@@ -196,8 +197,9 @@ def evaluate(engine: TrainingEngine, task: TaskData, batch_size: int, proc: Proc
     per_rank = math.ceil(n / proc.world_size)
     indices = torch.arange(proc.rank * per_rank, (proc.rank + 1) * per_rank) % n
     predictions = []
+    length = padded_length(task.eval, torch.arange(n))
     for chunk in indices.split(batch_size):
-        logits = engine.forward({k: v[chunk] for k, v in task.eval.items() if k != "labels"}).logits
+        logits = engine.forward(select(task.eval, chunk, length, labels=False)).logits
         predictions.append(logits.argmax(-1).cpu())
     local = torch.cat(predictions)
     if proc.world_size > 1:

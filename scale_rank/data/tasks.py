@@ -59,6 +59,18 @@ def batch_indices(step: int, n_examples: int, global_batch: int, seed: int) -> t
     return order[position * global_batch:(position + 1) * global_batch]
 
 
+def padded_length(data: dict[str, torch.Tensor], indices: torch.Tensor) -> int:
+    """The longest sequence among `indices`: batches are trimmed to it (the same on every rank)."""
+    return int(data["attention_mask"][indices].sum(1).max())
+
+
+def select(data: dict[str, torch.Tensor], indices: torch.Tensor, length: int,
+           labels: bool = True) -> dict[str, torch.Tensor]:
+    """Rows `indices` of a tokenised split, sequence columns trimmed to `length`."""
+    return {k: (v[indices] if k == "labels" else v[indices, :length])
+            for k, v in data.items() if labels or k != "labels"}
+
+
 def micro_batches(indices: torch.Tensor, grad_accum: int, rank: int, world_size: int) -> list[torch.Tensor]:
     """This rank's share of each of the `grad_accum` micro-batches of one global batch."""
     chunks = indices.chunk(grad_accum)

@@ -37,7 +37,7 @@ class Method:
     def bind(self, layers: list[AdaptiveLoRALayer], access: ShardAccess, comm: Collective) -> None:
         self.layers, self.access, self.comm = layers, access, comm
         self.layout = ComponentLayout(layers)
-        self.mask = torch.cat([layer.gate().ne(0).float().cpu() for layer in layers])
+        self.mask = torch.cat([layer.active.detach().float().cpu() for layer in layers])  # replicated buffer
 
     def optimizer_groups(self, layers: list[AdaptiveLoRALayer], lr: float, weight_decay: float) -> list[dict]:
         params = [p for layer in layers for p in (layer.lora_A, layer.lora_B, layer.lora_lam)

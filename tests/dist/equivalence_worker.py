@@ -1,0 +1,49 @@
+"""Worker: train every requested method through scale_rank.train under one engine, recording each step's
+global mask and loss on this rank.  Usage (under torchrun):
+    equivalence_worker.py OUT_DIR ENGINE MODEL_DIR QUANTIZATION METHOD [METHOD ...]
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from scale_rank.config import load_config
+from scale_rank.train import train
+from tests.support.tiny import overrides
+
+STEPS = 10
+
+
+def engine_overrides(engine: str) -> list[str]:
+    if engine in ("zero2", "zero3", "zero3_offload"):
+        return [f"train.deepspeed_config=ds_configs/{engine}.json"]
+    return [f"train.engine={engine}"]
+
+
+def main() -> int:
+    out_dir, engine, model_dir, quantization, *methods = sys.argv[1:]
+    out_dir = Path(out_dir)
+    for method in methods:
+        items = overrides(Path(model_dir), out_dir / f"{engine}_{method}", method, steps=STEPS)
+        items += engine_overrides(engine) + [f"model.quantization={quantization}"]
+        record = {"masks": [], "losses": []}
+
+        def observer(step, controller, loss, record=record):
+            record["masks"].append(controller.method.mask.clone())
+            record["losses"].append(loss)
+        train(load_config(None, items), progress=False, observer=observer)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(record, out_dir / f"{engine}_{method}_rank{rank}.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(code)

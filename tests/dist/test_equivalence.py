@@ -1,0 +1,71 @@
+"""The binding contract, item 8: with the same data order and global batch, 2 processes make the same
+allocation decisions as 1 process at every step, identical on both ranks, under every engine.
+
+Each engine is one torchrun of 2 CPU processes that trains all five methods through scale_rank.train
+(the same loop users run); the reference is the same training in this process with no process group.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from scale_rank.config import load_config
+from scale_rank.train import train
+from tests.dist.dist_launch import REPO, run_workers
+from tests.support.tiny import FAST_METHODS, overrides, tiny_model_dir
+
+pytestmark = pytest.mark.dist
+WORKER = Path(__file__).with_name("equivalence_worker.py")
+METHODS = sorted(FAST_METHODS)
+ENGINES = ["ddp", "fsdp2", "fsdp1", "zero2", "zero3", "zero3_offload"]
+QUANTIZED = [("nf4", "ddp"), ("nf4", "fsdp2"), ("nf4", "zero3"), ("int8", "ddp")]
+LOSS_ATOL = 1e-4  # float32 sums in another order (gradient averaging, sharded reductions)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"), hidden=64)  # 4-bit blocks need d >= 64
+
+
+_references: dict = {}
+
+
+def reference(model_dir: Path, tmp_path: Path, method: str, quantization: str) -> dict:
+    """The 1-process run (no process group), cached per method and quantization."""
+    key = (method, quantization)
+    if key not in _references:
+        from tests.dist.equivalence_worker import STEPS
+        items = overrides(model_dir, tmp_path / f"ref_{method}_{quantization}", method, steps=STEPS)
+        record = {"masks": [], "losses": []}
+        train(load_config(None, items + [f"model.quantization={quantization}"]), progress=False,
+              observer=lambda step, c, loss: (record["masks"].append(c.method.mask.clone()),
+                                              record["losses"].append(loss)))
+        _references[key] = record
+    return _references[key]
+
+
+def check_engine(engine: str, quantization: str, methods: list[str], model_dir: Path, tmp_path: Path) -> None:
+    code = run_workers(WORKER, tmp_path, [engine, str(model_dir), quantization, *methods])
+    assert code == 0, (tmp_path / "output.txt").read_text()[-4000:]
+    for method in methods:
+        ranks = [torch.load(tmp_path / f"{engine}_{method}_rank{r}.pt") for r in (0, 1)]
+        ref = reference(model_dir, tmp_path, method, quantization)
+        for step, (m0, m1, expected) in enumerate(zip(ranks[0]["masks"], ranks[1]["masks"], ref["masks"]), 1):
+            assert torch.equal(m0, m1), f"{engine}/{method}: ranks disagree at step {step}"
+            assert torch.equal(m0, expected), f"{engine}/{method}: differs from 1 process at step {step}"
+        assert len(ranks[0]["masks"]) == len(ref["masks"])
+        torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(ref["losses"]),
+                                   rtol=0, atol=LOSS_ATOL, msg=f"{engine}/{method} losses")
+        assert (tmp_path / f"{engine}_{method}" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_method_matches_one_process(engine, model_dir, tmp_path):
+    check_engine(engine, "none", METHODS, model_dir, tmp_path)
+
+
+@pytest.mark.parametrize("quantization,engine", QUANTIZED)
+def test_quantized_base_matches_one_process(quantization, engine, model_dir, tmp_path):
+    check_engine(engine, quantization, ["adalora", "prilora"], model_dir, tmp_path)
