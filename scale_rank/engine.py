@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, ModelConfig, TrainConfig
 from .shards import ShardAccess, WholeTensorAccess
 
 _ENV_TRUE = ("1", "true", "yes")
@@ -70,6 +70,22 @@ def resolve_engine(cfg: TrainConfig, world_size: int) -> tuple[str, str | None]:
     if kind in ("ddp", "fsdp1", "fsdp2") and world_size == 1:
         kind = "single" if kind == "ddp" else kind
     return kind, ds_config
+
+
+def zero_stage(ds_config_path: str | None) -> int | None:
+    if not ds_config_path or not Path(ds_config_path).is_file():
+        return None
+    import json
+    return int(json.loads(Path(ds_config_path).read_text()).get("zero_optimization", {}).get("stage", 0))
+
+
+def refuse_unsupported(kind: str, ds_config_path: str | None, model_cfg: ModelConfig) -> None:
+    """Combinations that cannot work stop here, before anything loads, saying what to change."""
+    sharded = kind in ("fsdp1", "fsdp2") or (kind == "deepspeed" and zero_stage(ds_config_path) == 3)
+    if model_cfg.quantization == "int8" and sharded:
+        raise ConfigError(f"8-bit base weights (int8) cannot be sharded by {kind}"
+                          f"{' ZeRO-3' if kind == 'deepspeed' else ''}: use model.quantization=nf4 (its storage "
+                          "dtype matches the other parameters, so FSDP and ZeRO-3 shard it), or DDP / ZeRO-2")
 
 
 def adopt_launcher_precision(cfg: TrainConfig) -> None:

@@ -26,7 +26,7 @@ from .controller import RankController
 from .data.tasks import TaskData, batch_indices, build_task, micro_batches, padded_length, select
 from .ds_config import micro_batch_size
 from .engine import (ProcessInfo, TrainingEngine, adopt_launcher_precision, init_processes,
-                     resolve_engine)
+                     refuse_unsupported, resolve_engine)
 from .inject import adapter_layers
 from .model import build_adapted_model, resolve_model_path
 
@@ -77,6 +77,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
     proc = init_processes()
     kind, ds_path = resolve_engine(cfg.train, proc.world_size)
     adopt_launcher_precision(cfg.train)
+    refuse_unsupported(kind, ds_path, cfg.model)
     micro_batch_size(cfg.train, proc.world_size)  # divisibility, checked before anything loads
     run_dir = Path(cfg.train.output_dir)
     torch.manual_seed(cfg.train.seed)
@@ -244,6 +245,7 @@ def finish(run_dir: Path, cfg: RunConfig, task: TaskData, engine: TrainingEngine
     adapter_dir = run_dir / "adapter"
     exported = export_run(run_dir, adapter_dir)
     (run_dir / "metrics.json").write_text(json.dumps(
-        {"final": metrics, "ranks": exported["ranks"], "total_rank": sum(exported["ranks"].values())},
+        {"final": metrics, "ranks": exported["ranks"], "total_rank": sum(exported["ranks"].values()),
+         "engine": engine.kind, "world_size": proc.world_size},
         indent=2))
     return adapter_dir
