@@ -40,6 +40,7 @@ class RankController:
         self.history: list[dict] = []
         self._pending: tuple[int, torch.Tensor | None] | None = None
         self._forwards = 0
+        self._forwards_allowed = _FORGOTTEN_AFTER
         gamma = method.config.gamma
         self.reg_coef = None
         if gamma > 0:
@@ -93,6 +94,24 @@ class RankController:
         optimizer.step()
         self.apply()
 
+    def rebind(self) -> None:
+        """Re-place the method's statistics after the model moved (e.g. Trainer moving it to the GPU).
+
+        Only before the first step: statistics are re-created, not moved.
+        """
+        if self.step_count or self._pending is not None or self.history:
+            raise RuntimeError("RankController.rebind() only works before the first step")
+        device = self.layers[0].lora_A.device
+        if self.reg_coef is not None:
+            self.reg_coef = self.reg_coef.to(device)
+            for layer in self.layers:
+                layer.reg_coef = self.reg_coef
+        self.method.bind(self.layers, self.access, self.comm)
+
+    def set_accumulation(self, micro_batches: int) -> None:
+        """Micro-batches per optimizer step: the forgotten-call warning allows that many forwards per step."""
+        self._forwards_allowed = _FORGOTTEN_AFTER * max(1, micro_batches)
+
     def set_grad_scale(self, factor: float) -> None:
         """Scale the regularizer's gradient like the loss (1 / grad_accum, times an fp16 loss scale)."""
         if self.reg_coef is not None:
@@ -103,8 +122,8 @@ class RankController:
         if not (module.training and torch.is_grad_enabled()):
             return
         self._forwards += 1
-        if self._forwards == _FORGOTTEN_AFTER and self.method.name != "lora":
-            message = (f"{_FORGOTTEN_AFTER} training forward passes without RankController.observe()/apply(): "
+        if self._forwards == self._forwards_allowed and self.method.name != "lora":
+            message = (f"{self._forwards} training forward passes without RankController.observe()/apply(): "
                        f"{self.method.name} is not allocating ranks (it trains as plain LoRA). Call "
                        "controller.step(optimizer) each optimizer step, or use ScaleRankCallback with Trainer.")
             log.error(message)
@@ -114,13 +133,13 @@ class RankController:
         """Detach from the model (removes the forgotten-call hook)."""
         self._hook.remove()
 
-    def guard(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make `optimizer.step()` fail when observe() was not called for this step."""
+    def guard(self, optimizer: torch.optim.Optimizer):
+        """Make `optimizer.step()` fail when observe() was not called for this step; returns the hook handle."""
         def check(opt, args, kwargs):
             if self._pending is None:
                 raise RuntimeError(f"optimizer stepped without RankController.observe(): {self.method.name} "
                                    "would silently train as plain LoRA")
-        optimizer.register_step_pre_hook(check)
+        return optimizer.register_step_pre_hook(check)
 
     # -- reporting -----------------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:

@@ -311,7 +311,8 @@ class TrainingEngine:
             state = {"model": model_state, "optimizer": optim_state}
             dcp.load(state, checkpoint_id=str(directory / "dcp"))
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"], options=options)
+                           optim_state_dict=state["optimizer"],  # frozen base: not saved, not loaded
+                           options=StateDictOptions(ignore_frozen_params=True, strict=False))
             self.scheduler.load_state_dict(torch.load(directory / "engine.pt", weights_only=False)["scheduler"])
             return
         saved = torch.load(directory / "engine.pt", map_location=self.proc.device, weights_only=False)

@@ -81,6 +81,7 @@ class ScaleRankCallback(TrainerCallback):
         self._rebind_if_fresh(optimizer)
         self._sync_with_trainer(args, state)
         self._accum = max(1, int(args.gradient_accumulation_steps))
+        self.controller.set_accumulation(self._accum)
         self._scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer (fp16)
         self._sync_grad_scale()
         if optimizer is None:
@@ -95,12 +96,7 @@ class ScaleRankCallback(TrainerCallback):
         controller = self.controller
         if controller.step_count or controller.history:
             return
-        device = controller.layers[0].lora_A.device
-        if controller.reg_coef is not None and controller.reg_coef.device != device:
-            controller.reg_coef = controller.reg_coef.to(device)
-            for layer in controller.layers:
-                layer.reg_coef = controller.reg_coef
-        controller.method.bind(controller.layers, controller.access, controller.comm)
+        controller.rebind()
         inner = _innermost_optimizer(optimizer) if optimizer is not None else None
         if isinstance(controller.method, SoRA) and inner is not None and any(
                 g.get("name") == GATE_GROUP for g in inner.param_groups):
@@ -121,11 +117,6 @@ class ScaleRankCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self._scaler is not None:  # the fp16 loss scale changes at every scaler.update()
             self._sync_grad_scale()
-        self._reset_forward_count()
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        # Micro-batches of one accumulated step are not forgotten controller calls (the optimizer is guarded).
-        self._reset_forward_count()
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         skipped = self._scaler is not None and _has_nonfinite_grad(optimizer)
@@ -181,9 +172,6 @@ class ScaleRankCallback(TrainerCallback):
                 "with the checkpoint (callback.load(checkpoint_dir) before train(); automatic when the checkpoint "
                 "is in output_dir), and a new run needs a fresh model, adapters and controller")
 
-    def _reset_forward_count(self) -> None:
-        if hasattr(self.controller, "_forwards"):
-            self.controller._forwards = 0
 
 
 def check_trainer(trainer) -> None:

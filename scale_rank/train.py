@@ -42,6 +42,7 @@ class RunResult:
     adapter_dir: Path | None
     losses: list[float]
     history: list[dict]
+    engine: TrainingEngine  # the trained, still wrapped model (e.g. to compare its outputs with an export)
 
 
 def resolve_total_steps(cfg: RunConfig, train_size: int) -> int:
@@ -103,6 +104,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
                        "weight_decay": cfg.train.weight_decay})
     engine = TrainingEngine(kind, model, groups, cfg.train, cfg.train.total_steps, proc, ds_path)
     controller = RankController(model, method, engine.access, Collective())
+    controller.set_accumulation(cfg.train.grad_accum)
     if hasattr(method, "track_optimizer"):
         method.track_optimizer(engine.optimizer)
 
@@ -117,7 +119,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
     losses = _train_steps(cfg, task, engine, controller, proc, start, run_dir, progress, observer)
     metrics = evaluate(engine, task, cfg.train.batch_size, proc)
     adapter_dir = finish(run_dir, cfg, task, engine, controller, metrics, proc)
-    return RunResult(run_dir, metrics, controller.ranks(), adapter_dir, losses, controller.history)
+    return RunResult(run_dir, metrics, controller.ranks(), adapter_dir, losses, controller.history, engine)
 
 
 def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, controller: RankController,

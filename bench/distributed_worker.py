@@ -1,0 +1,207 @@
+"""One launch of bench/distributed_overhead.py: train one method through scale_rank.train under one engine
+(the same loop users run), with the controller instrumented from outside the library.
+
+    torchrun --nproc_per_node 2 bench/distributed_worker.py OUT_DIR WARMUP section.key=value ... [:: ...]
+
+Items separated by "::" are several runs, one after another in the same processes (the traffic sweep).
+What it records, per rank and run, into OUT_DIR/rec.rank<R>.json:
+- the wall time of every optimizer step (between consecutive calls of train()'s observer, so one step is
+  forward + backward + observe + optimizer step + apply + zero_grad + the loop's loss all-reduce);
+- the time of every RankController.observe() and apply() call (the two methods are wrapped), and of its
+  parts: the method's before_step/partial_sums/absorb/decide/apply, the controller's collectives
+  (Collective.all_reduce_sum/broadcast, waiting for the other rank included) and the engine's
+  ShardAccess.write (under ZeRO it all-gathers the edited parameter); the loop's loss all-reduce too;
+- controller.comm.bytes_moved and .calls after every step;
+- memory: VmRSS just before and just after RankController.__init__ (the method's state, e.g. the
+  sensitivity EMAs, is allocated in bind() there); the bytes of every tensor the method keeps (exact);
+  ru_maxrss (peak RSS) once the controller is built (model, engine and controller set-up), after which
+  the peak is restarted (echo 5 > /proc/self/clear_refs), and ru_maxrss again when the last optimizer
+  step ends (the training peak, before evaluation and export); VmRSS after every step;
+- sizes: adapter parameters (global), total capacity (components), local scored entries.
+
+With WARMUP <= 0 only the sizes and the controller's traffic matter (the O(total rank) sweep).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scale_rank import controller as controller_module  # noqa: E402
+import scale_rank.train as train_module  # noqa: E402
+from scale_rank.comm import Collective  # noqa: E402
+from scale_rank.config import load_config  # noqa: E402
+from scale_rank.train import train  # noqa: E402
+
+
+def vm_rss_kib() -> int:
+    """This process's current resident set size (KiB), from /proc (no tracemalloc, no allocator hooks)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return -1
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM, and with it ru_maxrss) at the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def tensor_bytes(obj, seen: set[int], depth: int = 0) -> int:
+    """Bytes of the tensors an object keeps in its attributes (lists, tuples, dicts and nested helper
+    objects such as the SensitivityTracker included; adapter layers, the comm and access objects not)."""
+    if depth > 3 or id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Parameter) or isinstance(obj, torch.nn.Module):
+        return 0  # the model's own tensors, identical for every method
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(item, seen, depth + 1) for item in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(item, seen, depth + 1) for item in obj.values())
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("scale_rank.") \
+            and not type(obj).__module__.startswith(("scale_rank.comm", "scale_rank.shards",
+                                                     "scale_rank.engine_shards", "scale_rank.config")):
+        return sum(tensor_bytes(v, seen, depth + 1) for k, v in vars(obj).items() if k != "layers")
+    return 0
+
+
+def timed_into(store: list, fn, step_of):
+    """`fn`, recording (step, seconds) of every call into `store`."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        store.append((step_of(), time.perf_counter() - start))
+        return out
+    return wrapper
+
+
+def main() -> int:
+    out_dir, warmup, *items = sys.argv[1:]
+    warmup = int(warmup)
+    groups, group = [], []
+    for item in items:  # several runs, one after another in this launch, separated by "::"
+        if item == "::":
+            groups.append(group)
+            group = []
+        else:
+            group.append(item)
+    groups.append(group)
+    cur: dict = {}  # the record of the run in progress
+
+    def step_now() -> int:
+        return len(cur["step_end"]) + 1  # the optimizer step in progress (1-based)
+
+    Controller = controller_module.RankController
+    orig_init, orig_observe, orig_apply = Controller.__init__, Controller.observe, Controller.apply
+
+    def init(self, *args, **kwargs):
+        before = vm_rss_kib()
+        orig_init(self, *args, **kwargs)
+        cur["rss_controller_init_kib"] = vm_rss_kib() - before
+        # peak so far (model build, engine set-up, controller), then restart the peak for training
+        cur["maxrss_setup_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        cur["peak_reset"] = reset_peak_rss()
+        cur["method_state_bytes"] = tensor_bytes(self.method, set())
+        tracker = getattr(self.method, "tracker", None)
+        cur["scored_local_entries"] = int(tracker.index.numel()) if tracker is not None else 0
+        cur["adapter_params"] = sum(l.r_max * (l.d_in + l.d_out + 1) for l in self.layers)
+        cur["capacity"] = int(self.method.layout.n_components)
+        cur["modules"] = len(self.layers)
+        cur["sum_d_in"] = sum(l.d_in for l in self.layers)
+        # the method's own parts and the engine's writes, timed (instance attributes shadow the class)
+        for name in ("before_step", "partial_sums", "absorb", "decide", "apply"):
+            setattr(self.method, name, timed_into(cur["parts"].setdefault(name, []),
+                                                  getattr(self.method, name), step_now))
+        self.access.write = timed_into(cur["parts"].setdefault("access.write", []), self.access.write,
+                                       step_now)
+
+    def observe(self, *args, **kwargs):
+        cur["in_training"] = True
+        start = time.perf_counter()
+        orig_observe(self, *args, **kwargs)
+        cur["observe_s"].append(time.perf_counter() - start)
+
+    def apply(self, *args, **kwargs):
+        start = time.perf_counter()
+        orig_apply(self, *args, **kwargs)
+        cur["apply_s"].append(time.perf_counter() - start)
+
+    Controller.__init__, Controller.observe, Controller.apply = init, observe, apply
+    # the controller's collectives (time in them includes waiting for the other rank) and, for reference,
+    # the loop's own one-scalar all-reduce of the loss every step (the same for every method)
+    for name in ("all_reduce_sum", "broadcast"):
+        def timed_comm(self, tensor, _orig=getattr(Collective, name)):
+            start = time.perf_counter()
+            out = _orig(self, tensor)
+            cur["parts"].setdefault("collectives", []).append((step_now(), time.perf_counter() - start))
+            return out
+        setattr(Collective, name, timed_comm)
+    # the engine's own phases, to see where a difference between methods comes from
+    Engine = train_module.TrainingEngine
+    for name in ("forward", "backward", "step", "zero_grad"):
+        def timed_engine(self, *args, _orig=getattr(Engine, name), _name=name, **kwargs):
+            start = time.perf_counter()
+            out = _orig(self, *args, **kwargs)
+            if cur.get("in_training"):
+                cur["parts"].setdefault("engine." + _name, []).append((step_now(), time.perf_counter() - start))
+            return out
+        setattr(Engine, name, timed_engine)
+    orig_mean = train_module._mean_over_ranks
+
+    def mean_over_ranks(value):
+        start = time.perf_counter()
+        out = orig_mean(value)
+        cur["loss_allreduce_s"].append(time.perf_counter() - start)
+        return out
+    train_module._mean_over_ranks = mean_over_ranks
+
+    records = []
+    for items in groups:
+        cfg = load_config(None, items)
+        cur.clear()
+        cur.update(items=items, warmup=warmup, observe_s=[], apply_s=[], step_end=[], bytes=[], calls=[],
+                   rss_kib=[], parts={}, loss_allreduce_s=[])
+
+        def observer(step, controller, loss, total=cfg.train.total_steps):
+            cur["step_end"].append(time.perf_counter())
+            cur["bytes"].append(controller.comm.bytes_moved)
+            cur["calls"].append(controller.comm.calls)
+            cur["rss_kib"].append(vm_rss_kib())
+            if step == total:
+                cur["in_training"] = False  # evaluation's forwards are not steps
+                cur["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                cur["ranks_end"] = int(sum(controller.method.ranks().tolist()))
+
+        result = train(cfg, progress=False, observer=observer)
+        cur["loss_end"] = result.losses[-1]
+        records.append(dict(cur))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    info = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "threads": torch.get_num_threads()}
+    (Path(out_dir) / f"rec.rank{rank}.json").write_text(json.dumps({**info, "runs": records}))
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(code)
