@@ -13,7 +13,7 @@ import torch
 
 from scale_rank.config import load_config
 from scale_rank.train import train
-from tests.dist.dist_launch import REPO, run_workers
+from tests.distributed.dist_launch import REPO, run_workers
 from tests.support.tiny import FAST_METHODS, overrides, tiny_model_dir
 
 pytestmark = pytest.mark.dist
@@ -32,26 +32,28 @@ def model_dir(tmp_path_factory):
 _references: dict = {}
 
 
-def reference(model_dir: Path, tmp_path: Path, method: str, quantization: str) -> dict:
-    """The 1-process run (no process group), cached per method and quantization."""
-    key = (method, quantization)
+def reference(model_dir: Path, tmp_path: Path, method: str, quantization: str, extra: tuple = ()) -> dict:
+    """The 1-process run (no process group), cached per method, quantization and extra settings."""
+    key = (method, quantization, extra)
     if key not in _references:
-        from tests.dist.equivalence_worker import STEPS
+        from tests.distributed.equivalence_worker import STEPS
         items = overrides(model_dir, tmp_path / f"ref_{method}_{quantization}", method, steps=STEPS)
         record = {"masks": [], "losses": []}
-        train(load_config(None, items + [f"model.quantization={quantization}"]), progress=False,
+        train(load_config(None, items + [f"model.quantization={quantization}", *extra]), progress=False,
               observer=lambda step, c, loss: (record["masks"].append(c.method.mask.clone()),
                                               record["losses"].append(loss)))
         _references[key] = record
     return _references[key]
 
 
-def check_engine(engine: str, quantization: str, methods: list[str], model_dir: Path, tmp_path: Path) -> None:
-    code = run_workers(WORKER, tmp_path, [engine, str(model_dir), quantization, *methods])
+def check_engine(engine: str, quantization: str, methods: list[str], model_dir: Path, tmp_path: Path,
+                 extra: tuple = ()) -> None:
+    code = run_workers(WORKER, tmp_path, [engine, str(model_dir), quantization, *methods,
+                                          *(["--", *extra] if extra else [])])
     assert code == 0, (tmp_path / "output.txt").read_text()[-4000:]
     for method in methods:
         ranks = [torch.load(tmp_path / f"{engine}_{method}_rank{r}.pt") for r in (0, 1)]
-        ref = reference(model_dir, tmp_path, method, quantization)
+        ref = reference(model_dir, tmp_path, method, quantization, extra)
         for step, (m0, m1, expected) in enumerate(zip(ranks[0]["masks"], ranks[1]["masks"], ref["masks"]), 1):
             assert torch.equal(m0, m1), f"{engine}/{method}: ranks disagree at step {step}"
             assert torch.equal(m0, expected), f"{engine}/{method}: differs from 1 process at step {step}"
@@ -69,3 +71,9 @@ def test_every_method_matches_one_process(engine, model_dir, tmp_path):
 @pytest.mark.parametrize("quantization,engine", QUANTIZED)
 def test_quantized_base_matches_one_process(quantization, engine, model_dir, tmp_path):
     check_engine(engine, quantization, ["adalora", "prilora"], model_dir, tmp_path)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_gradient_accumulation_observes_once_per_optimizer_step(engine, model_dir, tmp_path):
+    """2 micro-batches per process per step: the same decisions as 1 process with the same global batch."""
+    check_engine(engine, "none", ["adalora", "increlora"], model_dir, tmp_path, ("train.grad_accum=2",))

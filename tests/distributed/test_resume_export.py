@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from scale_rank.export import export_run
-from tests.dist.dist_launch import run_workers
-from tests.dist.resume_worker import SAVE_EVERY
+from tests.distributed.dist_launch import run_workers
+from tests.distributed.resume_worker import SAVE_EVERY
 from tests.support.tiny import tiny_model_dir
 
 pytestmark = pytest.mark.dist

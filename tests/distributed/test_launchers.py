@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.dist_launch import REPO, _free_port
+from tests.distributed.dist_launch import REPO, _free_port
 from tests.support.tiny import overrides, tiny_model_dir
 
 pytestmark = pytest.mark.dist
@@ -65,3 +65,13 @@ def test_deepspeed_launcher(model_dir, tmp_path):
            "--deepspeed", "ds_configs/zero2.json", *args(model_dir, tmp_path)]
     metrics = run(cmd, tmp_path)
     assert (metrics["engine"], metrics["world_size"]) == ("deepspeed", 2)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_bf16_mixed_precision_runs(engine, model_dir, tmp_path):
+    """bf16: autocast under DDP, DeepSpeed's bf16 optimizer under ZeRO (adapter masks applied in bf16)."""
+    choice = ["train.deepspeed_config=ds_configs/zero2.json"] if engine == "zero2" else ["train.engine=ddp"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), TRAIN, *args(model_dir, tmp_path), "train.precision=bf16", *choice]
+    metrics = run(cmd, tmp_path)
+    assert metrics["world_size"] == 2 and metrics["total_rank"] > 0

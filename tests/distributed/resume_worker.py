@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from scale_rank.config import load_config
 from scale_rank.train import train
-from tests.dist.equivalence_worker import engine_overrides
+from tests.distributed.equivalence_worker import engine_overrides
 from tests.support.tiny import overrides
 
 SENTENCES = ["the film was not good.", "i thought the plot was superb.", "honestly, the cast is dull."]

@@ -1,6 +1,6 @@
 """Worker: train every requested method through scale_rank.train under one engine, recording each step's
 global mask and loss on this rank.  Usage (under torchrun):
-    equivalence_worker.py OUT_DIR ENGINE MODEL_DIR QUANTIZATION METHOD [METHOD ...]
+    equivalence_worker.py OUT_DIR ENGINE MODEL_DIR QUANTIZATION METHOD [METHOD ...] [-- SECTION.KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ def engine_overrides(engine: str) -> list[str]:
 
 
 def main() -> int:
-    out_dir, engine, model_dir, quantization, *methods = sys.argv[1:]
+    args = sys.argv[1:]
+    extra = args[args.index("--") + 1:] if "--" in args else []
+    out_dir, engine, model_dir, quantization, *methods = args[:args.index("--")] if extra else args
     out_dir = Path(out_dir)
     for method in methods:
         items = overrides(Path(model_dir), out_dir / f"{engine}_{method}", method, steps=STEPS)
-        items += engine_overrides(engine) + [f"model.quantization={quantization}"]
+        items += engine_overrides(engine) + [f"model.quantization={quantization}"] + extra
         record = {"masks": [], "losses": []}
 
         def observer(step, controller, loss, record=record):

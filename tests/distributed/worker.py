@@ -1,6 +1,6 @@
 """Multi-process worker: wrap the tiny adapted model with an engine, read/write adapters through its access.
 
-    torchrun --nproc_per_node 2 tests/dist/worker.py OUT_DIR ENGINE [ENGINE ...]   (4 for *_hsdp / *_hybrid)
+    torchrun --nproc_per_node 2 tests/distributed/worker.py OUT_DIR ENGINE [ENGINE ...]   (4 for *_hsdp / *_hybrid)
 
 Engines run one after the other in the same process group. Per engine, rank 0 writes OUT_DIR/<engine>.pt
 (each failing rank writes OUT_DIR/<engine>.error.rank<r>.txt and the next engine runs):
