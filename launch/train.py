@@ -7,7 +7,6 @@
 
 The engine is built by scale_rank itself from the config or the launcher's environment (DESIGN.md).
 """
-import os
 import sys
 from pathlib import Path
 
@@ -16,16 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scale_rank.cli import main  # noqa: E402
 
 
-def run() -> None:
-    import torch.distributed as dist
-
-    code = main(["train", *sys.argv[1:]])
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip C++ teardown, which can abort multi-process CPU runs after all work is done
-
+from scale_rank.engine import exit_processes  # noqa: E402
 
 if __name__ == "__main__":
-    run()
+    exit_processes(main(["train", *sys.argv[1:]]))

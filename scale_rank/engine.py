@@ -51,6 +51,17 @@ def init_processes() -> ProcessInfo:
     return ProcessInfo(rank, world_size, local_rank, device)
 
 
+def exit_processes(code: int) -> None:
+    """Leave the process group and end the process without C++ teardown (which can abort multi-process
+    CPU runs after all work is done)."""
+    import sys
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def resolve_engine(cfg: TrainConfig, world_size: int) -> tuple[str, str | None]:
     """(engine kind, DeepSpeed config path) from our config, else the launcher's environment."""
     ds_config = cfg.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")

@@ -4,7 +4,6 @@ global mask and loss on this rank.  Usage (under torchrun):
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from scale_rank.config import load_config
+from scale_rank.engine import exit_processes
 from scale_rank.train import train
 from tests.support.tiny import overrides
 
@@ -44,8 +44,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(code)
+    exit_processes(main())

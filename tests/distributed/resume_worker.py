@@ -4,7 +4,6 @@ Saves the trained model's logits on fixed sentences (rank 0) to OUT_DIR/RUN_NAME
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from scale_rank.config import load_config
+from scale_rank.engine import exit_processes
 from scale_rank.train import train
 from tests.distributed.equivalence_worker import engine_overrides
 from tests.support.tiny import overrides
@@ -36,8 +36,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(code)
+    exit_processes(main())

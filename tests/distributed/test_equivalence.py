@@ -13,7 +13,7 @@ import torch
 
 from scale_rank.config import load_config
 from scale_rank.train import train
-from tests.distributed.dist_launch import REPO, run_workers
+from tests.distributed.dist_launch import run_workers
 from tests.support.tiny import FAST_METHODS, overrides, tiny_model_dir
 
 pytestmark = pytest.mark.dist
