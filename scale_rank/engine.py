@@ -302,7 +302,8 @@ class TrainingEngine:
                 torch.save({"scheduler": self.scheduler.state_dict()}, directory / "engine.pt")
             return
         if self.proc.is_main:
-            state = {k: v for k, v in self.module.state_dict().items() if _clean(k) in set(self.trainable_names())}
+            wanted = set(self.trainable_names())
+            state = {k: v for k, v in self.module.state_dict().items() if _clean(k) in wanted}
             torch.save({"model": state, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(),
                         "scaler": self.scaler.state_dict() if self.scaler else None}, directory / "engine.pt")

@@ -86,3 +86,33 @@ def test_int8_cannot_be_sharded(tmp_path):
         refuse_unsupported("deepspeed", "ds_configs/zero3.json", ModelConfig(quantization="int8"))
     refuse_unsupported("deepspeed", "ds_configs/zero2.json", ModelConfig(quantization="int8"))
     refuse_unsupported("fsdp2", None, ModelConfig(quantization="nf4"))
+
+
+def test_fp16_overflow_step_is_detected_and_not_scored():
+    """fp16 with a loss scaler: a step whose gradients overflow is skipped by the optimizer and the controller."""
+    import torch
+
+    import scale_rank as sr
+    from scale_rank.engine import ProcessInfo, TrainingEngine
+    from scale_rank.inject import adapter_layers
+    from tests.support.methods import tiny_bert
+
+    model = tiny_bert()
+    method = sr.adapt(model, "adalora", total_steps=10, t_init=1, t_final=2, delta_t=1)
+    groups = method.optimizer_groups(adapter_layers(model), 1e-3, 0.0)
+    engine = TrainingEngine("single", model, groups, TrainConfig(precision="fp16"), 10,
+                            ProcessInfo(0, 1, 0, torch.device("cpu")))
+    controller = sr.RankController(model, method)
+    ids, labels = torch.randint(1, 100, (4, 8)), torch.randint(0, 2, (4,))
+    engine.backward(engine.forward({"input_ids": ids, "labels": labels}).loss, 1)
+    first_layer = controller.layers[0]
+    first_layer.lora_A.grad[0, 0] = float("inf")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ema_before = method.tracker.i_bar.clone()
+    skipped = engine.prepare_step()
+    assert skipped
+    controller.observe(skipped=skipped)
+    engine.step()
+    controller.apply()
+    assert controller.step_count == 0 and torch.equal(method.tracker.i_bar, ema_before)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
