@@ -1,4 +1,4 @@
-"""The `scale-rank` command: train, export."""
+"""The `scale-rank` command: train, export, report."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--task", help="shortcut for -o data.task=...")
     p.add_argument("--data-dir", help="shortcut for -o data.data_dir=...")
     p.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", help="DeepSpeed JSON config")
+    p.add_argument("--report-to", help="comma-separated sinks beyond the run directory's files, e.g. wandb")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -33,18 +34,26 @@ def _export_parser(sub) -> None:
     p.add_argument("--merge", action="store_true", help="save full merged weights instead (save_pretrained)")
 
 
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="print a run's final rank table and totals, re-draw its rank pictures")
+    p.add_argument("run_dir")
+    p.add_argument("--no-pictures", action="store_true", help="only print (no PNGs into run_dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scale-rank", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _export_parser(sub)
+    _report_parser(sub)
     return parser
 
 
 def _train(args) -> int:
     overrides = list(args.assignments) + list(args.overrides)
     shortcuts = {"method.name": args.method, "train.output_dir": args.output_dir, "data.task": args.task,
-                 "data.data_dir": args.data_dir, "train.deepspeed_config": args.deepspeed}
+                 "data.data_dir": args.data_dir, "train.deepspeed_config": args.deepspeed,
+                 "train.report_to": f"[{args.report_to}]" if args.report_to else None}
     overrides += [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
     cfg = load_config(args.config, _method_first(overrides))
     from .train import train
@@ -76,6 +85,16 @@ def _export(args) -> int:
     return 0 if summary is not None else 1
 
 
+def _report(args) -> int:
+    from .telemetry import report
+    try:
+        print(report(args.run_dir, pictures=not args.no_pictures))
+    except FileNotFoundError as error:
+        print(f"scale-rank: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SCALE_RANK_LOG", "WARNING"), format="%(levelname)s %(message)s")
     parser = build_parser()
@@ -88,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.assignments += extra  # SECTION.KEY=VALUE items given after options
     try:
-        return {"train": _train, "export": _export}[args.command](args)
+        return {"train": _train, "export": _export, "report": _report}[args.command](args)
     except ConfigError as error:
         print(f"scale-rank: error: {error}", file=sys.stderr)
         return 2

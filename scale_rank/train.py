@@ -29,6 +29,7 @@ from .engine import (ProcessInfo, TrainingEngine, adopt_launcher_precision, init
                      refuse_unsupported, resolve_engine)
 from .inject import adapter_layers
 from .model import build_adapted_model, resolve_model_path
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 _CRASH_AFTER = os.environ.get("SCALE_RANK_CRASH_AFTER_STEP")
@@ -116,9 +117,19 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
         start = load_checkpoint(checkpoint, engine, controller, proc.rank)["step"]
         log.info("resumed from %s at step %d", checkpoint, start)
 
-    losses = _train_steps(cfg, task, engine, controller, proc, start, run_dir, progress, observer)
-    metrics = evaluate(engine, task, cfg.train.batch_size, proc)
-    adapter_dir = finish(run_dir, cfg, task, engine, controller, metrics, proc)
+    telemetry = Telemetry(run_dir, cfg.train.report_to, proc.is_main, cfg.to_dict())
+
+    def observe(step: int, controller: RankController, loss: float) -> None:
+        telemetry.record(controller)  # after _record_decision: ranks.jsonl already has this step
+        if observer is not None:
+            observer(step, controller, loss)
+
+    try:
+        losses = _train_steps(cfg, task, engine, controller, proc, start, run_dir, progress, observe)
+        metrics = evaluate(engine, task, cfg.train.batch_size, proc)
+        adapter_dir = finish(run_dir, cfg, task, engine, controller, metrics, proc)
+    finally:
+        telemetry.close()  # pictures into run_dir, the W&B table artifact, wandb.finish()
     return RunResult(run_dir, metrics, controller.ranks(), adapter_dir, losses, controller.history, engine)
 
 
@@ -203,7 +214,7 @@ def evaluate(engine: TrainingEngine, task: TaskData, batch_size: int, proc: Proc
     length = padded_length(task.eval, torch.arange(n))
     for chunk in indices.split(batch_size):
         logits = engine.forward(select(task.eval, chunk, length, labels=False)).logits
-        predictions.append(logits.argmax(-1).cpu())
+        predictions.append(logits.squeeze(-1).float().cpu() if task.regression else logits.argmax(-1).cpu())
     local = torch.cat(predictions)
     if proc.world_size > 1:
         gathered = [torch.empty_like(local) for _ in range(proc.world_size)]

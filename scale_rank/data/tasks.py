@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError, DataConfig
-from . import synthetic
+from . import glue, synthetic
 
 
 @dataclass
@@ -18,6 +18,7 @@ class TaskData:
     num_labels: int
     metric_name: str
     metric: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+    regression: bool = False  # num_labels 1, float labels; predictions are the squeezed logits, not argmax
 
     @property
     def train_size(self) -> int:
@@ -43,7 +44,23 @@ def build_task(cfg: DataConfig, tokenizer, seed: int) -> TaskData:
             tokenize(tokenizer, [e.text for e in train], [e.label for e in train], cfg.max_length),
             tokenize(tokenizer, [e.text for e in dev], [e.label for e in dev], cfg.max_length),
             num_labels=2, metric_name="accuracy", metric=accuracy)
-    raise ConfigError(f"unknown task {cfg.task!r}; available: ['synthetic']")
+    if glue.is_glue_task(cfg.task):
+        return build_glue_task(cfg, tokenizer)
+    raise ConfigError(f"unknown task {cfg.task!r}; available: ['synthetic'] and the GLUE tasks "
+                      f"{sorted(glue.TASKS)}")
+
+
+def build_glue_task(cfg: DataConfig, tokenizer) -> TaskData:
+    """A GLUE task from `cfg.data_dir` (glue_data layout) or, without one, the nyu-mll/glue hub dataset."""
+    spec = glue.get_spec(cfg.task)
+    train, evals = glue.load_local(spec, cfg.data_dir) if cfg.data_dir else glue.load_hub(spec)
+    eval_examples = [example for split in evals for example in split]
+    return TaskData(
+        spec.name,
+        glue.tokenize_examples(tokenizer, train, cfg.max_length, spec.regression),
+        glue.tokenize_examples(tokenizer, eval_examples, cfg.max_length, spec.regression),
+        num_labels=spec.num_labels, metric_name=spec.metric_name,
+        metric=glue.make_metric(spec, [len(split) for split in evals]), regression=spec.regression)
 
 
 def batch_indices(step: int, n_examples: int, global_batch: int, seed: int) -> torch.Tensor:
