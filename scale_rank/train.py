@@ -127,6 +127,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
     try:
         losses = _train_steps(cfg, task, engine, controller, proc, start, run_dir, progress, observe)
         metrics = evaluate(engine, task, cfg.train.batch_size, proc)
+        keep_best(run_dir, cfg.train.total_steps, metrics, cfg, task, engine, controller)
         adapter_dir = finish(run_dir, cfg, task, engine, controller, metrics, proc)
     finally:
         telemetry.close()  # pictures into run_dir, the W&B table artifact, wandb.finish()
@@ -168,6 +169,7 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
         if t.eval_every and done % t.eval_every == 0 and done < t.total_steps:
             metrics = evaluate(engine, task, t.batch_size, proc)
             engine.train(True)
+            keep_best(run_dir, done, metrics, cfg, task, engine, controller)
             if proc.is_main:
                 log.info("step %d: %s", done, metrics)
         if t.save_every and done % t.save_every == 0 and done < t.total_steps:
@@ -248,6 +250,21 @@ def save_trainable_state(directory: Path, cfg: RunConfig, task: TaskData, engine
         dist.barrier()
 
 
+def keep_best(run_dir: Path, step: int, metrics: dict[str, float], cfg: RunConfig, task: TaskData,
+              engine: TrainingEngine, controller: RankController) -> None:
+    """Keep the adapter state with the best primary metric so far in run_dir/best (the papers report the
+    best dev score); run_dir/best/best.json says which step and metrics (collective call)."""
+    record_path = run_dir / "best" / "best.json"
+    best = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if best is not None and best["metrics"][task.metric_name] >= metrics[task.metric_name]:
+        return
+    save_trainable_state(run_dir / "best", cfg, task, engine, controller)
+    if engine.proc.is_main:
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"step": step, "metric": task.metric_name, "metrics": metrics}))
+        os.replace(tmp, record_path)
+
+
 def finish(run_dir: Path, cfg: RunConfig, task: TaskData, engine: TrainingEngine,
            controller: RankController, metrics: dict, proc: ProcessInfo) -> Path | None:
     """Save the final adapter state (full tensors from any engine), metrics, and the PEFT export."""
@@ -258,7 +275,8 @@ def finish(run_dir: Path, cfg: RunConfig, task: TaskData, engine: TrainingEngine
     adapter_dir = run_dir / "adapter"
     exported = export_run(run_dir, adapter_dir)
     (run_dir / "metrics.json").write_text(json.dumps(
-        {"final": metrics, "ranks": exported["ranks"], "total_rank": sum(exported["ranks"].values()),
+        {"final": metrics, "best": json.loads((run_dir / "best" / "best.json").read_text()),
+         "ranks": exported["ranks"], "total_rank": sum(exported["ranks"].values()),
          "engine": engine.kind, "world_size": proc.world_size},
         indent=2))
     return adapter_dir

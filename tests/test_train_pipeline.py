@@ -34,13 +34,16 @@ def rebuilt_base(model_dir: Path, seed: int = 0):
 def test_run_writes_everything_and_export_matches_peft(method, model_dir, tmp_path):
     from peft import PeftModel
     torch.set_num_threads(1)
-    cfg = load_config(None, overrides(model_dir, tmp_path / "run", method))
+    cfg = load_config(None, overrides(model_dir, tmp_path / "run", method, eval_every=4))
     result = train(cfg, progress=False)
     run = tmp_path / "run"
     for name in ("run_config.yaml", "metrics.json", "final/trainable.safetensors", "adapter/adapter_config.json"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["final"]["accuracy"] <= 1.0
+    assert metrics["best"]["metrics"]["accuracy"] >= metrics["final"]["accuracy"]
+    assert metrics["best"]["step"] in (4, 8, 12) and (run / "best/trainable.safetensors").is_file()
+    assert (run / "rank_heatmap.png").is_file() and (run / "telemetry.jsonl").is_file()
     assert len(result.losses) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
     adapter_config = json.loads((run / "adapter/adapter_config.json").read_text())
     assert adapter_config["rank_pattern"] == adapter_config["alpha_pattern"] == metrics["ranks"]
