@@ -13,7 +13,8 @@ What it records, per rank and run, into OUT_DIR/rec.rank<R>.json:
   ShardAccess.write (under ZeRO it all-gathers the edited parameter); the loop's loss all-reduce too;
 - controller.comm.bytes_moved and .calls after every step;
 - memory: VmRSS just before and just after RankController.__init__ (the method's state, e.g. the
-  sensitivity EMAs, is allocated in bind() there); the bytes of every tensor the method keeps (exact);
+  sensitivity EMAs, is allocated in bind() there), also both after malloc_trim(0), and the same pair at
+  the end of the last step; the bytes of every tensor the method keeps (exact);
   ru_maxrss (peak RSS) once the controller is built (model, engine and controller set-up), after which
   the peak is restarted (echo 5 > /proc/self/clear_refs), and ru_maxrss again when the last optimizer
   step ends (the training peak, before evaluation and export); VmRSS after every step;
@@ -24,7 +25,6 @@ With WARMUP <= 0 only the sizes and the controller's traffic matter (the O(total
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -39,16 +39,30 @@ from scale_rank import controller as controller_module  # noqa: E402
 import scale_rank.train as train_module  # noqa: E402
 from scale_rank.comm import Collective  # noqa: E402
 from scale_rank.config import load_config  # noqa: E402
+from scale_rank.engine import exit_processes  # noqa: E402
 from scale_rank.train import train  # noqa: E402
 
 
-def vm_rss_kib() -> int:
-    """This process's current resident set size (KiB), from /proc (no tracemalloc, no allocator hooks)."""
+def vm_rss_kib(field: str = "VmRSS") -> int:
+    """This process's current resident set size (KiB), from /proc (no tracemalloc, no allocator hooks).
+    field "RssAnon": the anonymous part only (heap, tensors), without file-backed pages such as the code
+    of libtorch that a method's first call of a kernel maps in."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return -1
+
+
+def trimmed_rss_kib() -> int:
+    """VmRSS after glibc's malloc_trim(0) gives freed heap pages back: closer to the live allocations (the
+    heap otherwise keeps pages that temporaries used)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return vm_rss_kib()
 
 
 def reset_peak_rss() -> bool:
@@ -112,9 +126,12 @@ def main() -> int:
     orig_init, orig_observe, orig_apply = Controller.__init__, Controller.observe, Controller.apply
 
     def init(self, *args, **kwargs):
-        before = vm_rss_kib()
+        before, before_trimmed = vm_rss_kib(), trimmed_rss_kib()
+        before_anon = vm_rss_kib("RssAnon")
         orig_init(self, *args, **kwargs)
         cur["rss_controller_init_kib"] = vm_rss_kib() - before
+        cur["rss_controller_init_trimmed_kib"] = trimmed_rss_kib() - before_trimmed
+        cur["anon_controller_init_trimmed_kib"] = vm_rss_kib("RssAnon") - before_anon
         # peak so far (model build, engine set-up, controller), then restart the peak for training
         cur["maxrss_setup_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         cur["peak_reset"] = reset_peak_rss()
@@ -188,6 +205,9 @@ def main() -> int:
                 cur["in_training"] = False  # evaluation's forwards are not steps
                 cur["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 cur["ranks_end"] = int(sum(controller.method.ranks().tolist()))
+                cur["rss_end_kib"] = vm_rss_kib()
+                cur["rss_end_trimmed_kib"] = trimmed_rss_kib()
+                cur["anon_end_trimmed_kib"] = vm_rss_kib("RssAnon")
 
         result = train(cfg, progress=False, observer=observer)
         cur["loss_end"] = result.losses[-1]
@@ -200,8 +220,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(code)
+    exit_processes(main())

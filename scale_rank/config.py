@@ -230,13 +230,13 @@ ENGINES = ("auto", "single", "ddp", "fsdp2", "fsdp1", "deepspeed")
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/demo"
-    lr: float = 5e-4
+    lr: float = 3e-3  # the embedded demo's value (MiniLM, generated task); recipes set their own
     weight_decay: float = 0.0
     batch_size: int = 32  # global examples per optimizer step (all ranks, all micro-batches)
     grad_accum: int = 1
     total_steps: int | None = None  # None: from epochs
     epochs: float | None = 3.0  # used when total_steps is None
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
     seed: int = 0

@@ -308,12 +308,15 @@ class DeepSpeedAccess:
         n = end - start
         if not param.requires_grad:  # no master copy: the model copy's partition
             return LocalSlice(start, end, param.ds_tensor.detach().view(-1)[:n].to(self._device(param)), None)
-        values = safe_get_local_fp32_param(param).view(-1)[:n]
+        # detached like every other engine's slice: the fp32 flat group it views requires grad, and a
+        # method's arithmetic on it (the sensitivity EMAs) would otherwise record an autograd graph that
+        # chains across steps (memory grows every step)
+        values = safe_get_local_fp32_param(param).detach().view(-1)[:n]
         try:
             grad = safe_get_local_grad(param)
         except (AttributeError, KeyError, ValueError):
             grad = None  # the engine holds no gradient right now
-        grad = None if grad is None else grad.view(-1)[:n]
+        grad = None if grad is None else grad.detach().view(-1)[:n]
         return LocalSlice(start, end, values, grad)
 
     def _z3_write(self, param, local: LocalSlice) -> None:

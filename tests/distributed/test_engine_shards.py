@@ -111,6 +111,14 @@ def test_scoring_slices_cover_once_and_match_reference(engine, results, ref, sha
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_slices_are_detached_from_autograd(engine, results):
+    """Methods compute on slices every step; an attached slice (ZeRO-3's fp32 flat group requires grad) made
+    the sensitivity EMAs record an autograd graph chained across steps: memory grew every step."""
+    attached = sorted({name for per_rank in results(engine)["attached"] for name, a in per_rank.items() if a})
+    assert not attached, f"{engine}: storage/scoring slices require grad for {attached[:4]}"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_tracker_partial_sums_match_reference(engine, results, ref):
     sums = results(engine)["sums"]
     assert sums.dtype == torch.float64

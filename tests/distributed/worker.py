@@ -12,6 +12,7 @@ Engines run one after the other in the same process group. Per engine, rank 0 wr
   logits   full-batch logits of the forward right after the write (rank halves concatenated)
   stepped  {name: full tensor} after one more backward and optimizer step
   persistent {name: bool}  ZeRO-3 kept the parameter whole on every rank (under the persistence threshold)
+  attached {name: bool} per rank  a storage or scoring slice (values or grad) requires grad (it must not)
 """
 from __future__ import annotations
 
@@ -211,14 +212,16 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
     engine.backward(forward(engine.module, input_ids, labels)[0])
 
     # (a) scoring slices of every A / B / lam value and gradient, and storage ranges
-    mine, ranges = {}, {}
+    mine, ranges, attached = {}, {}, {}
     for name, param in adapter_params(model).items():
         local = access.scoring(param)
         grad = None if local.grad is None else local.grad.detach().float().cpu().clone()
         mine[name] = (local.start, local.end, local.values.detach().float().cpu().clone(), grad)
         held = access.storage(param)
         ranges[name] = (held.start, held.end)
-    slices, storage = gather(mine), gather(ranges)
+        attached[name] = any(t is not None and t.requires_grad
+                             for t in (local.values, local.grad, held.values, held.grad))
+    slices, storage, attached = gather(mine), gather(ranges), gather(attached)
     persistent = {name: bool(getattr(p, "ds_persist", False)) for name, p in adapter_params(model).items()}
 
     # (b) tracker partial sums, all-reduced
@@ -242,7 +245,8 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
         torch.save({"slices": {n: [s[n] for s in slices] for n in mine},
                     "storage": {n: [s[n] for s in storage] for n in ranges},
                     "sums": sums.cpu(), "written": written, "master": master, "logits": logits,
-                    "stepped": stepped, "persistent": persistent, "seconds": time.time() - start},
+                    "stepped": stepped, "persistent": persistent, "attached": attached,
+                    "seconds": time.time() - start},
                    os.path.join(out_dir, f"{kind}.pt"))
     if engine.deepspeed:
         engine.module.destroy()

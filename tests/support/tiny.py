@@ -34,7 +34,7 @@ def overrides(model_dir: Path, out_dir: Path, method: str, steps: int = 12, **tr
     items = [f"method.name={method}", f"model.name_or_path={model_dir}", "model.random_init=true",
              "data.train_size=256", "data.eval_size=64", "data.max_length=24",
              f"train.output_dir={out_dir}", f"train.total_steps={steps}", "train.batch_size=16",
-             "train.lr=0.005"]
+             "train.lr=0.005", "train.warmup_steps=0"]
     items += [f"method.{k}={v}" for k, v in FAST_METHODS[method].items()]
     items += [f"train.{k}={v}" for k, v in train.items()]
     return items
