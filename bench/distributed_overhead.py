@@ -21,7 +21,8 @@ step, SoRA thresholds every step, PRILoRA prunes every 10 steps. "adalora-noreg"
 
 Measured (one launch = one engine x one method, 2 processes):
 1. Step time: each launch runs --steps optimizer steps, the first --warmup untimed; a step is the time
-   between consecutive calls of train()'s observer. Launches are interleaved: each repeat runs every engine
+   between consecutive calls of train()'s observer, as wall time and as the process's CPU time (which
+   leaves out waiting for a core or for the other rank: the robust number on a shared machine). Launches are interleaved: each repeat runs every engine
    and, within it, every method, the method order rotating each repeat, so slow drifts of a shared machine
    hit all methods alike. ms/step: median over launches of each launch's median step. vs LoRA: median over
    repeats of (method's launch median / LoRA's launch median of the same repeat and engine), min-max in
@@ -100,9 +101,9 @@ def launch(work: Path, tag: str, warmup: int, items: list[str], timeout: float) 
 
 
 # -- summarising one run ----------------------------------------------------------------------------------
-def step_times(rec: dict) -> list[float]:
-    """Seconds of each timed step (steps warmup+1 .. T)."""
-    ends = rec["step_end"]
+def step_times(rec: dict, key: str = "step_end") -> list[float]:
+    """Seconds (wall, or CPU with key "step_end_cpu") of each timed step (steps warmup+1 .. T)."""
+    ends = rec[key]
     return [ends[s - 1] - ends[s - 2] for s in range(max(2, rec["warmup"] + 1), len(ends) + 1)]
 
 
@@ -124,6 +125,9 @@ def summarise(ranks: list[dict]) -> dict:
         out[key[:-2] + "_ms"] = 1e3 * statistics.median(r0[key][first - 1:last])
     out["controller_ms"] = 1e3 * statistics.median(
         [o + a for o, a in zip(r0["observe_s"][first - 1:last], r0["apply_s"][first - 1:last])])
+    out["step_cpu_ms"] = 1e3 * statistics.median(step_times(r0, "step_end_cpu"))
+    out["controller_cpu_ms"] = 1e3 * statistics.median(
+        [o + a for o, a in zip(r0["observe_cpu_s"][first - 1:last], r0["apply_cpu_s"][first - 1:last])])
     out["controller_ms_rank1"] = 1e3 * statistics.median(
         [o + a for o, a in zip(ranks[1]["observe_s"][first - 1:last], ranks[1]["apply_s"][first - 1:last])])
     for name, entries in r0["parts"].items():
@@ -223,10 +227,11 @@ def render(args, results: dict | None, rows: list[dict] | None, meta: dict) -> s
     if results:
         out += ["**Step time** (rank 0; controller = observe + apply per step, its median as % of the "
                 "median step; parts are medians per step, so they need not add up)", "",
-                "| engine | method | ms/step (median) | vs LoRA [min-max] | fastest launch ms/step, vs LoRA's | "
-                "controller ms (rank 0 / rank 1) | % of step | loss all-reduce ms (the loop's, a reference gloo "
-                "latency) |",
-                "|---|---|---:|---:|---:|---:|---:|---:|"]
+                "| engine | method | wall ms/step (median) | wall vs LoRA [min-max] | fastest launch ms/step, vs "
+                "LoRA's | CPU ms/step (median) | CPU vs LoRA [min-max] | controller wall ms (rank 0 / rank 1) | "
+                "% of wall step | controller CPU ms | % of CPU step | loss all-reduce ms (the loop's, a "
+                "reference gloo latency) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for engine, per_method in results.items():
             base = per_method.get("lora")
             for method, runs in per_method.items():
@@ -242,9 +247,17 @@ def render(args, results: dict | None, rows: list[dict] | None, meta: dict) -> s
                 step = median([r["step_ms"] for r in runs])
                 ctrl = median([r["controller_ms"] for r in runs])
                 share = median([r["controller_ms"] / r["step_ms"] * 100 for r in runs])
+                cpu_ratio = "1"
+                if base and method != "lora":
+                    ratios = [m["step_cpu_ms"] / b["step_cpu_ms"] for m, b in zip(runs, base)]
+                    cpu_ratio = f"{median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+                cpu_cells = (f"{fmt(median([r['step_cpu_ms'] for r in runs]), 0)} | {cpu_ratio}")
+                cpu_ctrl = (f"{fmt(median([r['controller_cpu_ms'] for r in runs]), 2)} | "
+                            f"{fmt(median([r['controller_cpu_ms'] / r['step_cpu_ms'] * 100 for r in runs]), 2)}")
                 out.append(
-                    f"| {LABELS[engine]} | {LABELS[method]} | {fmt(step, 0)} | {ratio} | {best_cell} | {fmt(ctrl, 2)} / "
-                    f"{fmt(median([r['controller_ms_rank1'] for r in runs]), 2)} | {fmt(share, 2)} | "
+                    f"| {LABELS[engine]} | {LABELS[method]} | {fmt(step, 0)} | {ratio} | {best_cell} | {cpu_cells} | "
+                    f"{fmt(ctrl, 2)} / {fmt(median([r['controller_ms_rank1'] for r in runs]), 2)} | {fmt(share, 2)} | "
+                    f"{cpu_ctrl} | "
                     f"{fmt(median([r['loss_allreduce_ms'] for r in runs]), 2)} |")
         out += ["", "**Where the step goes** (rank 0, ms per step, medians over launches of per-launch medians; "
                 "TrainingEngine.forward/backward/step and the controller's parts)", "",

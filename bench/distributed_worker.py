@@ -6,8 +6,10 @@
 Items separated by "::" are several runs, one after another in the same processes (the traffic sweep).
 What it records, per rank and run, into OUT_DIR/rec.rank<R>.json:
 - the wall time of every optimizer step (between consecutive calls of train()'s observer, so one step is
-  forward + backward + observe + optimizer step + apply + zero_grad + the loop's loss all-reduce);
-- the time of every RankController.observe() and apply() call (the two methods are wrapped), and of its
+  forward + backward + observe + optimizer step + apply + zero_grad + the loop's loss all-reduce), and the
+  process's CPU time over the same span (time.process_time: what the process computed, without the time
+  it waited for a core or for the other rank, so far less sensitive to other jobs on a shared machine);
+- the wall and CPU time of every RankController.observe() and apply() call (both wrapped), and of its
   parts: the method's before_step/partial_sums/absorb/decide/apply, the controller's collectives
   (Collective.all_reduce_sum/broadcast, waiting for the other rank included) and the engine's
   ShardAccess.write (under ZeRO it all-gathers the edited parameter); the loop's loss all-reduce too;
@@ -151,14 +153,16 @@ def main() -> int:
 
     def observe(self, *args, **kwargs):
         cur["in_training"] = True
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         orig_observe(self, *args, **kwargs)
         cur["observe_s"].append(time.perf_counter() - start)
+        cur["observe_cpu_s"].append(time.process_time() - cpu)
 
     def apply(self, *args, **kwargs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         orig_apply(self, *args, **kwargs)
         cur["apply_s"].append(time.perf_counter() - start)
+        cur["apply_cpu_s"].append(time.process_time() - cpu)
 
     Controller.__init__, Controller.observe, Controller.apply = init, observe, apply
     # the controller's collectives (time in them includes waiting for the other rank) and, for reference,
@@ -193,11 +197,12 @@ def main() -> int:
     for items in groups:
         cfg = load_config(None, items)
         cur.clear()
-        cur.update(items=items, warmup=warmup, observe_s=[], apply_s=[], step_end=[], bytes=[], calls=[],
-                   rss_kib=[], parts={}, loss_allreduce_s=[])
+        cur.update(items=items, warmup=warmup, observe_s=[], apply_s=[], observe_cpu_s=[], apply_cpu_s=[],
+                   step_end=[], step_end_cpu=[], bytes=[], calls=[], rss_kib=[], parts={}, loss_allreduce_s=[])
 
         def observer(step, controller, loss, total=cfg.train.total_steps):
             cur["step_end"].append(time.perf_counter())
+            cur["step_end_cpu"].append(time.process_time())
             cur["bytes"].append(controller.comm.bytes_moved)
             cur["calls"].append(controller.comm.calls)
             cur["rss_kib"].append(vm_rss_kib())
