@@ -217,11 +217,24 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "synthetic"
-    data_dir: str | None = None
+    task: str = "synthetic"  # synthetic | a GLUE task | chat | synthetic_chat
+    data_dir: str | None = None  # GLUE: local glue_data folder (None: the hub)
     max_length: int = 32
-    train_size: int = 2048  # synthetic task only
-    eval_size: int = 512  # synthetic task only
+    train_size: int = 2048  # generated tasks (synthetic, synthetic_chat)
+    eval_size: int = 512  # generated tasks; chat data without an eval split: records held out (<= 10%)
+    # chat (causal LM): a .json/.jsonl/.parquet file, a directory with train.<ext>, or a hub dataset name
+    dataset: str | None = None
+    eval_dataset: str | None = None  # None: the source's validation/test split, else held-out records
+    messages_field: str = "messages"  # list of {role, content} (or ShareGPT {from, value}) turns
+    prompt_field: str = "instruction"  # instruction-style records (Alpaca): prompt, optional input, response
+    input_field: str | None = "input"
+    response_field: str = "output"
+    packing: bool = False  # concatenate conversations into full max_length rows
+
+    def validate(self) -> None:
+        _positive("data.max_length", self.max_length)
+        if self.packing and self.task not in ("chat", "synthetic_chat"):
+            raise ConfigError("data.packing applies to chat data (data.task=chat or synthetic_chat) only")
 
 
 ENGINES = ("auto", "single", "ddp", "fsdp2", "fsdp1", "deepspeed")
@@ -245,8 +258,12 @@ class TrainConfig:
     deepspeed_config: str | None = None  # a ds_configs/*.json file ("auto" values filled from here)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     report_to: list[str] = field(default_factory=list)  # e.g. ["wandb"]
+    # Activation checkpointing of the transformer blocks: false, true (= "non_reentrant"), "reentrant"
+    gradient_checkpointing: bool | str = False
 
     def validate(self) -> None:
+        if isinstance(self.gradient_checkpointing, str):
+            _choice("train.gradient_checkpointing", self.gradient_checkpointing, ("non_reentrant", "reentrant"))
         _choice("train.engine", self.engine, ENGINES)
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         _positive("train.lr", self.lr)
@@ -269,8 +286,13 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         self.model.validate()
+        self.data.validate()
         self.train.validate()
         self.method.validate(self.train.total_steps)
+        if self.method.name == "prilora" and self.train.gradient_checkpointing == "reentrant":
+            raise ConfigError("PRILoRA collects input statistics in the forward pass, which reentrant "
+                              "checkpointing runs without gradients; use train.gradient_checkpointing=true "
+                              "(non-reentrant)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,6 +30,11 @@ def is_quantized(base: nn.Module) -> bool:
     return type(base).__name__ in ("Linear4bit", "Linear8bitLt") or hasattr(base.weight, "quant_state")
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (e.g. a checkpointed block recomputing)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
@@ -108,7 +113,7 @@ class AdaptiveLoRALayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return out
-        if self.collect_input_stats and torch.is_grad_enabled():
+        if self.collect_input_stats and torch.is_grad_enabled() and not in_backward():
             with torch.no_grad():
                 self.input_sq_sum += x.detach().reshape(-1, self.d_in).float().pow(2).sum(0)
         A, B = self.lora_A, self.lora_B

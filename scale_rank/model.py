@@ -43,44 +43,77 @@ def quantization_config(model_cfg: ModelConfig, precision: str = "fp32"):
                               bnb_4bit_quant_storage=dtype, llm_int8_skip_modules=skip)
 
 
-def load_classifier(name_or_path: str, num_labels: int, random_init: bool = False,
-                    quantization=None) -> tuple[nn.Module, object]:
-    """A sequence-classification model and its tokenizer (hub name, local directory or offline alias).
+AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification", "causal_lm": "AutoModelForCausalLM"}
+
+
+def _auto_class(kind: str):
+    import transformers
+    return getattr(transformers, AUTO_CLASSES[kind])
+
+
+def load_model(name_or_path: str, kind: str = "classification", num_labels: int = 2, random_init: bool = False,
+               quantization=None) -> tuple[nn.Module, object]:
+    """A model with the head `kind` asks for ("classification" or "causal_lm") and its tokenizer (hub name,
+    local directory or offline alias).
 
     `random_init`: only the config (and tokenizer) are read; weights are randomly initialised (and
     quantized afterwards when `quantization` is given).
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name_or_path)
+    auto = _auto_class(kind)
+    head = {"num_labels": num_labels} if kind == "classification" else {}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
         if random_init:
-            config = AutoConfig.from_pretrained(path, num_labels=num_labels)
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = auto.from_config(AutoConfig.from_pretrained(path, **head))
             if quantization is not None:
-                model = quantize_in_place(model, quantization)
+                model = quantize_in_place(model, quantization, auto)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, quantization_config=quantization)
+            model = auto.from_pretrained(path, quantization_config=quantization, **head)
     finally:
         hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
 
-def quantize_in_place(model: nn.Module, quantization) -> nn.Module:
+def load_classifier(name_or_path: str, num_labels: int, random_init: bool = False,
+                    quantization=None) -> tuple[nn.Module, object]:
+    """A sequence-classification model and its tokenizer (see `load_model`)."""
+    return load_model(name_or_path, "classification", num_labels, random_init, quantization)
+
+
+def quantize_in_place(model: nn.Module, quantization, auto=None) -> nn.Module:
     """Quantize a randomly initialised model the way from_pretrained would (via a temporary save)."""
     import tempfile
 
     from safetensors.torch import save_model
-    from transformers import AutoModelForSequenceClassification
+    auto = auto or _auto_class("classification")
     with tempfile.TemporaryDirectory() as tmp:  # each rank its own copy (save_pretrained writes on rank 0 only)
         model.config.save_pretrained(tmp)
         save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-        return AutoModelForSequenceClassification.from_pretrained(tmp, quantization_config=quantization)
+        return auto.from_pretrained(tmp, quantization_config=quantization)
+
+
+def context_length(name_or_path: str) -> int | None:
+    """The model's maximum sequence length from its config (None when the config does not say)."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def check_context(cfg: RunConfig) -> None:
+    """data.max_length must fit the model's context window."""
+    limit = context_length(cfg.model.name_or_path)
+    if limit is not None and cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the context of "
+                          f"{cfg.model.name_or_path} ({limit} positions); lower data.max_length to <= {limit}")
 
 
 def build_adapted_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, object, Method]:
@@ -89,8 +122,31 @@ def build_adapted_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, obj
     Seeded with train.seed: a random-init base and the adapters' init are the same in every rebuild.
     """
     import torch
+
+    from .data.tasks import task_kind
     torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_classifier(cfg.model.name_or_path, num_labels, cfg.model.random_init,
-                                       quantization_config(cfg.model, cfg.train.precision))
+    model, tokenizer = load_model(cfg.model.name_or_path, task_kind(cfg.data), num_labels,
+                                  cfg.model.random_init, quantization_config(cfg.model, cfg.train.precision))
     method = adapt(model, cfg.method, cfg.train.total_steps, cfg.model.targets, cfg.model.trainable)
+    enable_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
     return model, tokenizer, method
+
+
+def enable_gradient_checkpointing(model: nn.Module, mode: bool | str) -> None:
+    """Recompute each transformer block in backward (True / "non_reentrant", or "reentrant").
+
+    Adapters sit inside the blocks, so they are recomputed too; their forward-side statistics (PRILoRA's
+    input norms) are collected only outside backward, i.e. once per micro-batch.
+    """
+    if not mode:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing; set "
+                          "train.gradient_checkpointing=false")
+    kwargs = {"use_reentrant": mode == "reentrant"}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False

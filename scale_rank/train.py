@@ -23,12 +23,13 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .comm import Collective
 from .config import ConfigError, RunConfig
 from .controller import RankController
-from .data.tasks import TaskData, batch_indices, build_task, micro_batches, padded_length, select
+from .data.tasks import (TaskData, batch_indices, build_task, loss_normaliser, micro_batches, padded_length,
+                         select)
 from .ds_config import micro_batch_size
 from .engine import (ProcessInfo, TrainingEngine, adopt_launcher_precision, init_processes,
                      refuse_unsupported, resolve_engine)
 from .inject import adapter_layers
-from .model import build_adapted_model, resolve_model_path
+from .model import build_adapted_model, check_context, resolve_model_path
 from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
     adopt_launcher_precision(cfg.train)
     refuse_unsupported(kind, ds_path, cfg.model)
     micro_batch_size(cfg.train, proc.world_size)  # divisibility, checked before anything loads
+    cfg.data.validate()
+    check_context(cfg)
     run_dir = Path(cfg.train.output_dir)
     torch.manual_seed(cfg.train.seed)
 
@@ -126,7 +129,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
 
     try:
         losses = _train_steps(cfg, task, engine, controller, proc, start, run_dir, progress, observe)
-        metrics = evaluate(engine, task, cfg.train.batch_size, proc)
+        metrics = evaluate(engine, task, micro_batch_size(cfg.train, proc.world_size), proc)
         keep_best(run_dir, cfg.train.total_steps, metrics, cfg, task, engine, controller)
         adapter_dir = finish(run_dir, cfg, task, engine, controller, metrics, proc)
     finally:
@@ -145,10 +148,14 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
         indices = batch_indices(step, task.train_size, t.batch_size, t.seed)
         parts = micro_batches(indices, t.grad_accum, proc.rank, proc.world_size)
         length = padded_length(task.train, indices)
+        normaliser = loss_normaliser(task, indices, proc.world_size, t.grad_accum)
         controller.set_grad_scale(engine.grad_scale() / t.grad_accum)
         step_loss = torch.zeros(())
         for i, part in enumerate(parts):
-            loss = engine.forward(select(task.train, part, length)).loss
+            batch = select(task.train, part, length)
+            if normaliser is not None:
+                batch["num_items_in_batch"] = normaliser
+            loss = engine.forward(batch).loss
             engine.backward(loss, t.grad_accum)
             step_loss += loss.detach().float().cpu() / t.grad_accum
             if i < len(parts) - 1:
@@ -167,7 +174,7 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
                             rank=sum(controller.method.ranks().tolist()))
         done = step + 1
         if t.eval_every and done % t.eval_every == 0 and done < t.total_steps:
-            metrics = evaluate(engine, task, t.batch_size, proc)
+            metrics = evaluate(engine, task, micro_batch_size(t, proc.world_size), proc)
             engine.train(True)
             keep_best(run_dir, done, metrics, cfg, task, engine, controller)
             if proc.is_main:
@@ -205,13 +212,22 @@ def _record_decision(run_dir: Path, controller: RankController, proc: ProcessInf
         out.write(json.dumps(controller.history[-1]) + "\n")
 
 
+def _eval_indices(n: int, proc: ProcessInfo) -> torch.Tensor:
+    """This rank's evaluation rows: an equal share for every rank, the last one padded by wrapping around
+    (positions >= n are duplicates)."""
+    per_rank = math.ceil(n / proc.world_size)
+    return torch.arange(proc.rank * per_rank, (proc.rank + 1) * per_rank)
+
+
 @torch.no_grad()
 def evaluate(engine: TrainingEngine, task: TaskData, batch_size: int, proc: ProcessInfo) -> dict[str, float]:
-    """The task metric on the evaluation split; every rank runs the same number of batches."""
+    """The task metric on the evaluation split (`batch_size` rows per forward on each rank); every rank
+    runs the same number of batches."""
     engine.train(False)
+    if task.kind == "causal_lm":
+        return _evaluate_loss(engine, task, batch_size, proc)
     n = len(task.eval["labels"])
-    per_rank = math.ceil(n / proc.world_size)
-    indices = torch.arange(proc.rank * per_rank, (proc.rank + 1) * per_rank) % n
+    indices = _eval_indices(n, proc) % n
     predictions = []
     length = padded_length(task.eval, torch.arange(n))
     for chunk in indices.split(batch_size):
@@ -223,6 +239,24 @@ def evaluate(engine: TrainingEngine, task: TaskData, batch_size: int, proc: Proc
         dist.all_gather(gathered, local)
         local = torch.cat(gathered)
     return task.metric(local[:n], task.eval["labels"])
+
+
+def _evaluate_loss(engine: TrainingEngine, task: TaskData, batch_size: int, proc: ProcessInfo) -> dict[str, float]:
+    """Token-averaged loss over every response token of the evaluation split, and its perplexity."""
+    n = len(task.eval["labels"])
+    positions = _eval_indices(n, proc)
+    totals = torch.zeros(2, dtype=torch.float64)  # summed token loss, token count
+    length = padded_length(task.eval, torch.arange(n))
+    for chunk in positions.split(batch_size):
+        batch = select(task.eval, chunk % n, length)
+        batch["labels"][chunk >= n] = -100  # wrapped-around duplicates count nothing
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        loss = engine.forward(batch).loss  # run on every rank alike (sharded engines gather in forward)
+        if tokens:
+            totals += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64)
+    if proc.world_size > 1:
+        dist.all_reduce(totals)
+    return task.metric(totals[0], totals[1])
 
 
 def save_trainable_state(directory: Path, cfg: RunConfig, task: TaskData, engine: TrainingEngine,
@@ -256,8 +290,10 @@ def keep_best(run_dir: Path, step: int, metrics: dict[str, float], cfg: RunConfi
     best dev score); run_dir/best/best.json says which step and metrics (collective call)."""
     record_path = run_dir / "best" / "best.json"
     best = json.loads(record_path.read_text()) if record_path.is_file() else None
-    if best is not None and best["metrics"][task.metric_name] >= metrics[task.metric_name]:
-        return
+    if best is not None:
+        previous, now = best["metrics"][task.metric_name], metrics[task.metric_name]
+        if (previous >= now) if task.greater_is_better else (previous <= now):
+            return
     save_trainable_state(run_dir / "best", cfg, task, engine, controller)
     if engine.proc.is_main:
         tmp = record_path.with_suffix(".tmp")

@@ -14,7 +14,7 @@ import torch
 from scale_rank.config import load_config
 from scale_rank.train import train
 from tests.distributed.dist_launch import run_workers
-from tests.support.tiny import FAST_METHODS, overrides, tiny_model_dir
+from tests.support.tiny import FAST_METHODS, overrides, tiny_decoder_dir, tiny_model_dir
 
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("equivalence_worker.py")
@@ -22,6 +22,9 @@ METHODS = sorted(FAST_METHODS)
 ENGINES = ["ddp", "fsdp2", "fsdp1", "zero2", "zero3", "zero3_offload"]
 QUANTIZED = [("nf4", "ddp"), ("nf4", "fsdp2"), ("nf4", "zero3"), ("int8", "ddp")]
 LOSS_ATOL = 1e-4  # float32 sums in another order (gradient averaging, sharded reductions)
+# Token losses over a 30k vocabulary drift more: ZeRO-3 PRILoRA reached 3.3e-3 by step 10, with or without
+# checkpointing (DDP, FSDP: < 1e-4); the decisions stay identical.
+LM_LOSS_ATOL = 5e-3
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def reference(model_dir: Path, tmp_path: Path, method: str, quantization: str, e
 
 
 def check_engine(engine: str, quantization: str, methods: list[str], model_dir: Path, tmp_path: Path,
-                 extra: tuple = ()) -> None:
+                 extra: tuple = (), loss_atol: float = LOSS_ATOL) -> None:
     code = run_workers(WORKER, tmp_path, [engine, str(model_dir), quantization, *methods,
                                           *(["--", *extra] if extra else [])])
     assert code == 0, (tmp_path / "output.txt").read_text()[-4000:]
@@ -59,7 +62,7 @@ def check_engine(engine: str, quantization: str, methods: list[str], model_dir: 
             assert torch.equal(m0, expected), f"{engine}/{method}: differs from 1 process at step {step}"
         assert len(ranks[0]["masks"]) == len(ref["masks"])
         torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(ref["losses"]),
-                                   rtol=0, atol=LOSS_ATOL, msg=f"{engine}/{method} losses")
+                                   rtol=0, atol=loss_atol, msg=f"{engine}/{method} losses")
         assert (tmp_path / f"{engine}_{method}" / "adapter" / "adapter_config.json").is_file()
 
 
@@ -77,3 +80,17 @@ def test_quantized_base_matches_one_process(quantization, engine, model_dir, tmp
 def test_gradient_accumulation_observes_once_per_optimizer_step(engine, model_dir, tmp_path):
     """2 micro-batches per process per step: the same decisions as 1 process with the same global batch."""
     check_engine(engine, "none", ["adalora", "increlora"], model_dir, tmp_path, ("train.grad_accum=2",))
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    return tiny_decoder_dir(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1", "zero3"])
+def test_causal_lm_with_gradient_checkpointing_matches_one_process(engine, model_dir, decoder_dir, tmp_path):
+    """A Llama-style decoder on chat data, blocks recomputed in backward (non-reentrant): same decisions
+    as 1 process, so PRILoRA's input statistics and AdaLoRA's scores are not counted twice on recompute."""
+    check_engine(engine, "none", ["adalora", "prilora"], model_dir, tmp_path,
+                 (f"model.name_or_path={decoder_dir}", "data.task=synthetic_chat", "data.max_length=48",
+                  "train.gradient_checkpointing=true"), loss_atol=LM_LOSS_ATOL)

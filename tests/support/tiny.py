@@ -38,3 +38,31 @@ def overrides(model_dir: Path, out_dir: Path, method: str, steps: int = 12, **tr
     items += [f"method.{k}={v}" for k, v in FAST_METHODS[method].items()]
     items += [f"train.{k}={v}" for k, v in train.items()]
     return items
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}[SEP]\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def tiny_decoder_dir(path: Path, family: str = "llama", layers: int = 2, hidden: int = 64,
+                     chat_template: bool = True) -> Path:
+    """config.json of a tiny decoder (llama, mistral, qwen2 or gpt2) plus a fast tokenizer (MiniLM's
+    WordPiece, with a chat template unless `chat_template` is False); load with model.random_init.
+
+    hidden 64: bitsandbytes' 4-bit CPU kernels need inner dimensions of at least 64.
+    """
+    from transformers import AutoConfig
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    shape = {"vocab_size": tokenizer.vocab_size}
+    if family == "gpt2":
+        shape.update(n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        shape.update(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    AutoConfig.for_model(family, **shape).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
