@@ -250,6 +250,7 @@ class TrainConfig:
     total_steps: int | None = None  # None: from epochs
     epochs: float | None = 3.0  # used when total_steps is None
     warmup_steps: int = 10
+    lr_schedule: str = "linear"  # after warmup: linear | cosine | constant
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
     seed: int = 0
@@ -266,6 +267,7 @@ class TrainConfig:
             _choice("train.gradient_checkpointing", self.gradient_checkpointing, ("non_reentrant", "reentrant"))
         _choice("train.engine", self.engine, ENGINES)
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("train.lr_schedule", self.lr_schedule, ("linear", "cosine", "constant"))
         _positive("train.lr", self.lr)
         _non_negative("train.weight_decay", self.weight_decay)
         _positive("train.batch_size", self.batch_size)

@@ -8,6 +8,7 @@ from `deepspeed ... --deepspeed ds_configs/<x>.json`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,12 +111,16 @@ def precision_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def linear_schedule(warmup: int, total: int):
-    """Linear warmup to the peak, then linear decay to 0 at `total` (HF's default schedule)."""
+def lr_schedule(kind: str, warmup: int, total: int):
+    """Linear warmup to the peak, then to 0 at `total`: linearly (HF's default), along a half cosine, or
+    not at all ("constant")."""
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 if kind == "constant" else max(0.0, 1.0 - progress)
     return factor
 
 
@@ -135,7 +140,7 @@ class TrainingEngine:
         self.kind, self.cfg, self.proc = kind, cfg, proc
         self.module = model
         self.autocast_dtype = precision_dtype(cfg.precision)
-        schedule = linear_schedule(cfg.warmup_steps, total_steps)
+        schedule = lr_schedule(cfg.lr_schedule, cfg.warmup_steps, total_steps)
         self.scaler = None
         if kind == "deepspeed":
             self._init_deepspeed(model, param_groups, cfg, total_steps, proc, ds_config_path, schedule)

@@ -25,3 +25,27 @@ def test_recipe_validates(path):
     size = GLUE_TRAIN_SIZE.get(cfg.data.task, cfg.data.train_size)
     cfg.train.total_steps = resolve_total_steps(cfg, size)
     cfg.validate()
+
+
+LLM_RECIPES = sorted((ROOT / "configs" / "llm").glob("*.yaml"))
+
+
+def test_llm_recipes_cover_every_method_engine_and_base():
+    names = {p.stem for p in LLM_RECIPES}
+    for method in ("lora", "adalora", "sora", "increlora", "prilora"):
+        for engine in ("zero3", "fsdp2"):
+            assert {f"llama3_8b_{method}_{engine}", f"llama3_8b_{method}_{engine}_qlora"} <= names
+
+
+@pytest.mark.parametrize("path", LLM_RECIPES, ids=[p.stem for p in LLM_RECIPES])
+def test_llm_recipe_says_what_its_name_says(path):
+    cfg = load_config(path)
+    assert cfg.data.task == "chat" and cfg.train.precision == "bf16" and cfg.train.gradient_checkpointing
+    assert (cfg.model.quantization == "nf4") == path.stem.endswith("_qlora")
+    if "_zero3" in path.stem:
+        assert cfg.train.deepspeed_config == "ds_configs/zero3.json"
+        assert (ROOT / cfg.train.deepspeed_config).is_file()
+    else:
+        assert cfg.train.engine == "fsdp2"
+    assert cfg.train.output_dir == f"runs/llm/{path.stem}"
+    assert f"--config configs/llm/{path.name}" in path.read_text()
