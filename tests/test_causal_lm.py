@@ -267,3 +267,23 @@ def test_model_type_without_default_targets_asks_for_targets(tmp_path):
         train(cfg, progress=False)
     cfg = _config(model_dir, "lora", tmp_path / "run2", "model.targets=[q_proj, v_proj]")
     assert len(train(cfg, progress=False).ranks) == 2
+
+
+def test_hub_dataset_name_loads_through_datasets(monkeypatch, tokenizer):
+    """A name that is not a local path goes to datasets.load_dataset (simulated hub); its test split evaluates."""
+    import datasets
+    calls = []
+
+    def load_dataset(name, *args, **kwargs):
+        if args or kwargs:  # local json/parquet files use the real loader
+            return real(name, *args, **kwargs)
+        calls.append(name)
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS),
+                                     "test": datasets.Dataset.from_list(RECORDS[:5])})
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    task = build_task(DataConfig(task="chat", dataset="tatsu-lab/alpaca", max_length=32), tokenizer, 0)
+    assert calls == ["tatsu-lab/alpaca"] and task.train_size == 20 and len(task.eval["labels"]) == 5
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+    with pytest.raises(ConfigError, match="pass a local .json/.jsonl/.parquet file"):
+        build_task(DataConfig(task="chat", dataset="tatsu-lab/alpaca"), tokenizer, 0)

@@ -300,3 +300,39 @@ def test_stsb_regression_batches_train_and_evaluate_with_a_one_label_model(tmp_p
     predictions = logits.squeeze(-1).float().cpu() if data.regression else logits.argmax(-1).cpu()
     metrics = data.metric(predictions, data.eval["labels"])
     assert set(metrics) == {"pearson", "spearman"} and abs(metrics["pearson"]) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------ hub, CLI
+
+def test_hub_path_loads_through_datasets(monkeypatch, tokenizer):
+    """No data_dir: build_task asks datasets.load_dataset for nyu-mll/glue (the hub is simulated)."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(name, config):
+        calls.append((name, config))
+        split = datasets.Dataset.from_dict({"sentence1": ["a b", "c d", "e f"], "sentence2": ["a b", "x", "e"],
+                                            "label": [1, 0, 1], "idx": [0, 1, 2]})
+        return datasets.DatasetDict({"train": split, "validation": split, "test": split})
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    task = build_task(DataConfig(task="mrpc", max_length=16), tokenizer, seed=0)
+    assert calls == [("nyu-mll/glue", "mrpc")]
+    assert task.train_size == 3 and task.metric_name in task.metric(torch.tensor([1, 0, 1]), task.eval["labels"])
+
+
+def test_hub_failure_says_to_use_a_local_copy(monkeypatch, tokenizer):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+    with pytest.raises(ConfigError, match="set data.data_dir to a local glue_data copy"):
+        build_task(DataConfig(task="sst2"), tokenizer, seed=0)
+
+
+def test_cli_bad_data_is_one_line_and_leaves_no_run_directory(tmp_path, capsys):
+    from scale_rank.cli import main
+    make_glue_dir(tmp_path / "glue", "sst2", train_labels=["0", "7"])
+    out = tmp_path / "run"
+    code = main(["train", "--task", "sst2", "--data-dir", str(tmp_path / "glue"), "--output-dir", str(out),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "label '7' is not one of the sst2 labels" in err
+    assert "Traceback" not in err and not out.exists()
