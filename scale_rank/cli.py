@@ -40,12 +40,35 @@ def _report_parser(sub) -> None:
     p.add_argument("--no-pictures", action="store_true", help="only print (no PNGs into run_dir)")
 
 
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory of fine-tuning a (large) model, from its config alone")
+    p.add_argument("--model", required=True, help="config.json path, model directory, shipped config name "
+                   "(configs/llm/models: llama2_7b, llama3_8b, ...) or hub name")
+    p.add_argument("--method", default="adalora", help="lora | adalora | sora | increlora | prilora")
+    p.add_argument("--engine", default="zero3", help="ddp | zero2 | zero3 | fsdp1 | fsdp2 (default zero3)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
+    p.add_argument("--bits", type=int, default=16, help="base weights: 16, 8 (int8) or 4 (nf4)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="full activation checkpointing of every block (default on)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--adapter-dtype", default="fp32", help="fp32 (default) or bf16")
+    p.add_argument("--targets", help="comma-separated module-name suffixes to adapt (default: per model type)")
+    p.add_argument("--total-steps", type=int, default=1000, help="run length the method options are checked "
+                   "against (default 1000)")
+    p.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="method.KEY=VALUE, model.targets=[...] or model.double_quant=true (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scale-rank", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _export_parser(sub)
     _report_parser(sub)
+    _plan_parser(sub)
     return parser
 
 
@@ -95,6 +118,30 @@ def _report(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import json
+
+    from .planning import PlanInputs, format_plan, make_plan
+    allowed = ("method.", "model.targets=", "model.double_quant=")
+    stray = [item for item in args.overrides if not item.startswith(allowed)]
+    if stray:
+        raise ConfigError(f"plan reads only method.*, model.targets and model.double_quant overrides, got {stray}")
+    if args.adapter_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"--adapter-dtype must be fp32 or bf16, got {args.adapter_dtype!r}")
+    cfg = load_config(None, _method_first([f"method.name={args.method}", *args.overrides]))
+    inputs = PlanInputs(engine=args.engine, gpus=args.gpus, bits=args.bits, seq_len=args.seq_len,
+                        micro_batch=args.micro_batch, gradient_checkpointing=args.gradient_checkpointing,
+                        gpu_memory_gib=args.gpu_memory, adapter_bytes=4 if args.adapter_dtype == "fp32" else 2,
+                        double_quant=cfg.model.double_quant)
+    targets = args.targets.split(",") if args.targets else cfg.model.targets
+    plan = make_plan(args.model, cfg.method, inputs, targets, args.total_steps)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    if not plan.fits:
+        print(f"scale-rank: error: {plan.advice()}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SCALE_RANK_LOG", "WARNING"), format="%(levelname)s %(message)s")
     parser = build_parser()
@@ -107,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.assignments += extra  # SECTION.KEY=VALUE items given after options
     try:
-        return {"train": _train, "export": _export, "report": _report}[args.command](args)
+        return {"train": _train, "export": _export, "report": _report, "plan": _plan}[args.command](args)
     except ConfigError as error:
         print(f"scale-rank: error: {error}", file=sys.stderr)
         return 2

@@ -74,10 +74,9 @@ class AdaptiveLoRALayer(nn.Module):
         self.d_in, self.d_out, self.r_max = d_in, d_out, r_max
         self.site, self.layer_index, self.kind = site, layer_index, kind
         weight = base.weight
-        if is_quantized(base):  # packed storage: adapters compute in the layer's compute dtype
-            dtype = getattr(base, "compute_dtype", None) or torch.float32
-        else:
-            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        # The base's storage dtype (a 4-bit base packs into a float storage dtype: bnb_4bit_quant_storage),
+        # so that engines that flatten or shard parameters see one dtype; integer storage (8-bit): float32.
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         device = weight.device
         self.lora_A = nn.Parameter(torch.zeros(r_max, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r_max, dtype=dtype, device=device))
@@ -117,7 +116,9 @@ class AdaptiveLoRALayer(nn.Module):
             with torch.no_grad():
                 self.input_sq_sum += x.detach().reshape(-1, self.d_in).float().pow(2).sum(0)
         A, B = self.lora_A, self.lora_B
-        x_in = self.dropout(x).to(A.dtype)
+        x_in = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself,
+            x_in = x_in.to(A.dtype)  # and no float32 copy of the activation is made and saved
         h = (x_in @ A.t()) * (self.lora_lam * self.active.to(A.dtype))
         delta = (h @ B.t()) * self.scale.to(A.dtype)
         if self.collect_dense_grad and delta.requires_grad:

@@ -24,22 +24,38 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def quantization_config(model_cfg: ModelConfig, precision: str = "fp32"):
+def storage_dtype(precision: str, engine_kind: str = "single"):
+    """The dtype the base model is loaded in.
+
+    DeepSpeed casts the module to its bf16/fp16 setting and keeps float32 masters of what trains, so its base
+    is loaded in that dtype (half the host memory). The torch engines (one process, DDP, FSDP) train what
+    they store, so they load everything in float32 and compute in bf16/fp16 through autocast: the adapters
+    and their AdamW moments are float32 (never half-precision updates), and FSDP sees one dtype.
+    """
+    import torch
+    if engine_kind == "deepspeed" and precision in ("bf16", "fp16"):
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.float32
+
+
+def quantization_config(model_cfg: ModelConfig, precision: str = "fp32", engine_kind: str = "single"):
     """transformers' BitsAndBytesConfig for `model.quantization` (None for "none").
 
-    4-bit weights are stored in the dtype of the other parameters (bnb_4bit_quant_storage) so that FSDP
-    and ZeRO-3 can shard them with the rest; task heads are left unquantized (they train in full).
+    4-bit weights are stored in the dtype of the other parameters (bnb_4bit_quant_storage, `storage_dtype`) so
+    that FSDP and ZeRO-3 can shard them with the rest, and compute in the training precision; task heads are
+    left unquantized (they train in full).
     """
     if model_cfg.quantization == "none":
         return None
     import torch
     from transformers import BitsAndBytesConfig
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    dtype = storage_dtype(precision, engine_kind)
     skip = list(model_cfg.trainable if model_cfg.trainable is not None else DEFAULT_TRAINABLE)
     if model_cfg.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.quantization,
-                              bnb_4bit_use_double_quant=model_cfg.double_quant, bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=model_cfg.double_quant, bnb_4bit_compute_dtype=compute,
                               bnb_4bit_quant_storage=dtype, llm_int8_skip_modules=skip)
 
 
@@ -52,13 +68,14 @@ def _auto_class(kind: str):
 
 
 def load_model(name_or_path: str, kind: str = "classification", num_labels: int = 2, random_init: bool = False,
-               quantization=None) -> tuple[nn.Module, object]:
+               quantization=None, dtype=None) -> tuple[nn.Module, object]:
     """A model with the head `kind` asks for ("classification" or "causal_lm") and its tokenizer (hub name,
     local directory or offline alias).
 
     `random_init`: only the config (and tokenizer) are read; weights are randomly initialised (and
-    quantized afterwards when `quantization` is given).
+    quantized afterwards when `quantization` is given). `dtype`: of the loaded weights (None: float32).
     """
+    import torch
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -68,12 +85,13 @@ def load_model(name_or_path: str, kind: str = "classification", num_labels: int 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
+        dtype = dtype or torch.float32
         if random_init:
-            model = auto.from_config(AutoConfig.from_pretrained(path, **head))
+            model = auto.from_config(AutoConfig.from_pretrained(path, **head), dtype=dtype)
             if quantization is not None:
                 model = quantize_in_place(model, quantization, auto)
         else:
-            model = auto.from_pretrained(path, quantization_config=quantization, **head)
+            model = auto.from_pretrained(path, quantization_config=quantization, dtype=dtype, **head)
     finally:
         hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -95,7 +113,8 @@ def quantize_in_place(model: nn.Module, quantization, auto=None) -> nn.Module:
     with tempfile.TemporaryDirectory() as tmp:  # each rank its own copy (save_pretrained writes on rank 0 only)
         model.config.save_pretrained(tmp)
         save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-        return auto.from_pretrained(tmp, quantization_config=quantization)
+        return auto.from_pretrained(tmp, quantization_config=quantization,
+                                    dtype=getattr(quantization, "bnb_4bit_quant_storage", None) or model.dtype)
 
 
 def context_length(name_or_path: str) -> int | None:
@@ -116,7 +135,7 @@ def check_context(cfg: RunConfig) -> None:
                           f"{cfg.model.name_or_path} ({limit} positions); lower data.max_length to <= {limit}")
 
 
-def build_adapted_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, object, Method]:
+def build_adapted_model(cfg: RunConfig, num_labels: int, engine_kind: str = "single") -> tuple[nn.Module, object, Method]:
     """Load the base model of `cfg` and attach the method's adapters (base frozen, heads trainable).
 
     Seeded with train.seed: a random-init base and the adapters' init are the same in every rebuild.
@@ -125,8 +144,10 @@ def build_adapted_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, obj
 
     from .data.tasks import task_kind
     torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_model(cfg.model.name_or_path, task_kind(cfg.data), num_labels,
-                                  cfg.model.random_init, quantization_config(cfg.model, cfg.train.precision))
+    precision = cfg.train.precision
+    model, tokenizer = load_model(cfg.model.name_or_path, task_kind(cfg.data), num_labels, cfg.model.random_init,
+                                  quantization_config(cfg.model, precision, engine_kind),
+                                  storage_dtype(precision, engine_kind))
     method = adapt(model, cfg.method, cfg.train.total_steps, cfg.model.targets, cfg.model.trainable)
     enable_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
     return model, tokenizer, method

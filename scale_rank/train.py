@@ -98,7 +98,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
                           "another train.output_dir")
 
-    model, _, method = build_adapted_model(cfg, cfg.model.num_labels or task.num_labels)
+    model, _, method = build_adapted_model(cfg, cfg.model.num_labels or task.num_labels, kind)
     layers = adapter_layers(model)
     groups = method.optimizer_groups(layers, cfg.train.lr, cfg.train.weight_decay)
     adapter_ids = {id(p) for g in groups for p in g["params"]}

@@ -287,3 +287,17 @@ def test_hub_dataset_name_loads_through_datasets(monkeypatch, tokenizer):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(ConfigError, match="pass a local .json/.jsonl/.parquet file"):
         build_task(DataConfig(task="chat", dataset="tatsu-lab/alpaca"), tokenizer, 0)
+
+
+def test_bf16_training_keeps_float32_adapters_and_optimizer_state(llama_dir, tmp_path):
+    """Torch engines store float32 and compute in bf16 (autocast); DeepSpeed loads its base in bf16."""
+    import torch as t
+
+    from scale_rank.model import storage_dtype
+    assert storage_dtype("bf16", "deepspeed") == t.bfloat16 and storage_dtype("bf16", "fsdp2") == t.float32
+    result = train(_config(llama_dir, "adalora", tmp_path / "run", "train.precision=bf16"), progress=False)
+    layers = adapter_layers(result.engine.module)
+    assert all(l.lora_A.dtype == l.lora_B.dtype == t.float32 for l in layers)
+    states = [s for s in result.engine.optimizer.state.values() if "exp_avg" in s]
+    assert states and all(s["exp_avg"].dtype == t.float32 for s in states)
+    assert all(p.dtype == t.float32 for p in result.engine.module.parameters())
