@@ -52,6 +52,7 @@ def quantization_config(model_cfg: ModelConfig, precision: str = "fp32", engine_
     compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
     dtype = storage_dtype(precision, engine_kind)
     skip = list(model_cfg.trainable if model_cfg.trainable is not None else DEFAULT_TRAINABLE)
+    skip += ["lm_head"]  # output embeddings stay unquantized (transformers' default, lost when skip is given)
     if model_cfg.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.quantization,
@@ -82,8 +83,9 @@ def load_model(name_or_path: str, kind: str = "classification", num_labels: int 
     path = resolve_model_path(name_or_path)
     auto = _auto_class(kind)
     head = {"num_labels": num_labels} if kind == "classification" else {}
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per rank would drown the training bar
     try:
         dtype = dtype or torch.float32
         if random_init:
@@ -92,8 +94,12 @@ def load_model(name_or_path: str, kind: str = "classification", num_labels: int 
                 model = quantize_in_place(model, quantization, auto)
         else:
             model = auto.from_pretrained(path, quantization_config=quantization, dtype=dtype, **head)
+        if quantization is not None:
+            keep_4bit_layout(model)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -115,6 +121,14 @@ def quantize_in_place(model: nn.Module, quantization, auto=None) -> nn.Module:
         save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
         return auto.from_pretrained(tmp, quantization_config=quantization,
                                     dtype=getattr(quantization, "bnb_4bit_quant_storage", None) or model.dtype)
+
+
+def keep_4bit_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes' CPU inference path from repacking 4-bit weights in place at the first no-grad
+    forward (it rewrites `weight.data`, which sharded engines own, and fails on widths not divisible by 32)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def context_length(name_or_path: str) -> int | None:

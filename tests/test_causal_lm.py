@@ -301,3 +301,16 @@ def test_bf16_training_keeps_float32_adapters_and_optimizer_state(llama_dir, tmp
     states = [s for s in result.engine.optimizer.state.values() if "exp_avg" in s]
     assert states and all(s["exp_avg"].dtype == t.float32 for s in states)
     assert all(p.dtype == t.float32 for p in result.engine.module.parameters())
+
+
+def test_4bit_base_trains_and_evaluates_without_touching_its_weights(llama_dir, tmp_path):
+    """nf4 base (QLoRA-style): lm_head stays unquantized, evaluation between steps leaves the packed 4-bit
+    weights as they were (bitsandbytes' CPU inference repacking is off)."""
+    result = train(_config(llama_dir, "adalora", tmp_path / "run", "model.quantization=nf4",
+                           "train.eval_every=4"), progress=False)
+    model = result.engine.module
+    assert type(model.lm_head).__name__ == "Linear"
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(quantized) == 14  # 7 projections x 2 layers
+    assert all(not getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized)
+    assert set(result.metrics) == {"eval_loss", "perplexity"}
