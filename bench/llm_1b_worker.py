@@ -1,5 +1,5 @@
 """Worker of bench/llm_1b_zero3.py (under torchrun): train with the given overrides, record per-rank peak
-memory, step times, losses and the method's budget into OUT_DIR/rank<r>.json.
+and current memory, step times, losses and the method's budget into OUT_DIR/rank<r>.json.
 
     llm_1b_worker.py OUT_DIR SECTION.KEY=VALUE ...
 """
@@ -18,10 +18,18 @@ from scale_rank.engine import exit_processes
 from scale_rank.train import train
 
 
+def current_rss_gib() -> float:
+    """Resident memory now (the peak, ru_maxrss, is set by the model build before quantization)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def main() -> int:
     out_dir, *items = sys.argv[1:]
     started = time.perf_counter()
-    record = {"step_s": [], "losses": [], "budgets": []}
+    record = {"step_s": [], "losses": [], "budgets": [], "rss_gib": []}
     last = [None]
 
     def observer(step, controller, loss):
@@ -33,6 +41,7 @@ def main() -> int:
         last[0] = now
         record["losses"].append(loss)
         record["budgets"].append(int(controller.method.ranks().sum()))
+        record["rss_gib"].append(current_rss_gib())
         if step == 1:
             record["adapter_parameters"] = sum(a.r_max * (a.d_in + a.d_out + 1) for a in controller.layers)
 

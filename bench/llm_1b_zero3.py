@@ -65,19 +65,20 @@ def overrides(args, model: Path, out: Path) -> list[str]:
             f"train.gradient_checkpointing={str(args.checkpointing).lower()}"]
 
 
-def planned_gib(args) -> dict[str, float] | None:
-    """The planner's per-process estimate for this run (None if the planner cannot model it)."""
-    try:
-        from scale_rank.planning.memory import PlanInput, plan_memory
-    except ImportError:
-        return None
-    import dataclasses
-    fields = {f.name for f in dataclasses.fields(PlanInput)}
-    values = {"model": str(args.model_dir), "method": args.method, "engine": "zero3", "gpus": 2, "bits": 4,
-              "seq_len": args.seq_len, "micro_batch": args.batch // 2,
-              "gradient_checkpointing": args.checkpointing}
-    plan = plan_memory(PlanInput(**{k: v for k, v in values.items() if k in fields}))
-    return {"total_gib": plan.total_bytes / 2**30}
+def planned_gib(args) -> dict[str, float]:
+    """The planner's per-device numbers for this setting (`scale-rank plan`: a GPU memory model with a 16-bit
+    unquantized rest; this fp32 CPU run stores that rest in float32)."""
+    from scale_rank.config import load_config
+    from scale_rank.planning import PlanInputs, make_plan
+    cfg = load_config(None, [item for item in overrides(args, args.model_dir, Path("unused"))
+                             if item.startswith("method.")])
+    inputs = PlanInputs(engine="zero3", gpus=2, bits=4, seq_len=args.seq_len, micro_batch=args.batch // 2,
+                        gradient_checkpointing=args.checkpointing, adapter_bytes=4)
+    memory = make_plan(str(args.model_dir / "config.json"), cfg.method, inputs, None, args.steps).memory
+    return {"base_weights_gib": memory.base_weights / 2**30,
+            "states_gib": (memory.adapter_params + memory.gradients + memory.optimizer_states
+                           + memory.method_state) / 2**30,
+            "total_without_reserve_gib": (memory.total - memory.reserve) / 2**30}
 
 
 def main() -> int:
@@ -111,19 +112,20 @@ def main() -> int:
     return 0
 
 
-def report(args, records: list[dict], plan: dict | None) -> None:
+def report(args, records: list[dict], plan: dict) -> None:
     first = records[0]
     print(f"\n~1.1B Llama ({first['parameters'] / 1e9:.2f}B parameters, {first['adapter_parameters'] / 1e6:.1f}M "
           f"adapter), nf4 base, ZeRO-3, 2 CPU processes, {args.method}, seq {args.seq_len}, global batch "
           f"{args.batch}, checkpointing {'on' if args.checkpointing else 'off'}")
-    print("rank | peak RSS GiB | build s | median step s | losses | budget after each step")
+    print("rank | peak RSS GiB | RSS while training GiB | build s | median step s | losses | budget after each step")
     for rank, record in enumerate(records):
-        print(f"{rank:4d} | {record['peak_rss_gib']:12.2f} | {record['build_s']:7.1f} | "
+        print(f"{rank:4d} | {record['peak_rss_gib']:12.2f} | {max(record['rss_gib']):22.2f} | {record['build_s']:7.1f} | "
               f"{statistics.median(record['step_s']):13.1f} | "
               f"{' '.join(f'{x:.3f}' for x in record['losses'])} | {record['budgets']}")
-    if plan is not None:
-        print(f"planner (scale-rank plan, zero3, 2 GPUs, 4-bit): {plan['total_gib']:.2f} GiB per process "
-              "(device memory model; RSS also holds the Python runtime, libraries and CPU-side buffers)")
+    print(f"planner (scale-rank plan, zero3 x 2, nf4, 16-bit rest): base {plan['base_weights_gib']:.2f} GiB, "
+          f"adapter states {plan['states_gib']:.2f} GiB, all but the CUDA reserve "
+          f"{plan['total_without_reserve_gib']:.2f} GiB per device; RSS also holds the Python runtime and "
+          "libraries (~1.5 GiB), the float32 rest of this CPU run and the model built before quantization")
 
 
 if __name__ == "__main__":
