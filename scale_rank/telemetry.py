@@ -401,7 +401,7 @@ class WandbSink(TelemetrySink):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "scale_rank"), dir=str(run_dir),
                               mode="offline" if offline else None, config=config, name=name or run_dir.name,
-                              reinit=True)
+                              reinit="finish_previous")
         self.last: RankTable | None = None
 
     def log_event(self, step: int, table: RankTable) -> None:

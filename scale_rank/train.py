@@ -171,7 +171,7 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{engine.lr():.2e}",
-                            rank=sum(controller.method.ranks().tolist()))
+                            budget=sum(controller.method.ranks().tolist()))
         done = step + 1
         if t.eval_every and done % t.eval_every == 0 and done < t.total_steps:
             metrics = evaluate(engine, task, micro_batch_size(t, proc.world_size), proc)
