@@ -1,0 +1,102 @@
+"""bench/glue_quality.py on a tiny BERT and tiny MRPC files: every method reported, scale_rank LoRA and PEFT
+LoRA on one loss trajectory from identical weights, matched final budgets, the full profile's schedules."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.tiny import tiny_model_dir
+from tests.test_glue import make_glue_dir
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "glue_quality.py"
+METHODS = ["lora", "adalora", "peft_lora", "peft_adalora"]
+RANK, STEPS = 2, 6  # AdaLoRA: t_init 1, budget falls until step 4, final phase (t_final) 2 steps
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("glue_quality", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def result(bench, tmp_path_factory):
+    """One tiny run: 2-layer BERT (12 adapted modules, weights saved so it loads like a checkpoint)."""
+    model_dir = tiny_model_dir(tmp_path_factory.mktemp("model"))
+    torch.manual_seed(0)
+    config = transformers.BertConfig.from_pretrained(model_dir)
+    transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
+    data_dir = tmp_path_factory.mktemp("glue")
+    make_glue_dir(data_dir, "mrpc", train_labels=["1", "0"] * 8, dev_labels=["1", "0", "1", "0"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return bench.benchmark(bench.Options(
+            tasks=["mrpc"], methods=METHODS, seeds=[0], steps=STEPS, batch_size=4, max_length=32, rank=RANK,
+            model=str(model_dir), data_dir=str(data_dir)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def by_method(result) -> dict[str, dict]:
+    return {r["method"]: r for r in result["records"]}
+
+
+def test_every_method_has_a_row(bench, result):
+    assert [row["method"] for row in result["rows"]] == METHODS
+    for name in METHODS:
+        assert f"| {bench.LABELS[name]} |" in result["table"]
+    assert "accuracy (primary) | f1 |" in result["table"]  # MRPC: scale_rank's primary metric, and F1
+    for record in result["records"]:
+        assert len(record["losses"]) == len(record["step_s"]) == STEPS
+        assert record["reported"]["step"] == STEPS and set(record["reported"]) == {"step", "accuracy", "f1"}
+    rows = {row["method"]: row for row in result["rows"]}
+    assert rows["peft_lora"]["vs_peft_lora"] == 1.0
+
+
+def test_lora_follows_peft_lora_from_identical_weights(result):
+    """PEFT's initial A and B are copied into scale_rank's LoRA: same losses at every step, same dev score."""
+    runs = by_method(result)
+    ours, peft = runs["lora"], runs["peft_lora"]
+    assert ours["losses"][0] == peft["losses"][0]
+    assert ours["losses"] == pytest.approx(peft["losses"], rel=1e-5, abs=1e-6)
+    assert ours["losses"][-1] != ours["losses"][0]  # it trained
+    assert ours["reported"] == peft["reported"]
+    assert "scale_rank LoRA vs PEFT LoRA from the same initial adapters" in result["table"]
+    assert runs["adalora"]["losses"][0] == runs["peft_adalora"]["losses"][0]
+
+
+def test_matched_budgets(result):
+    budgets = {name: record["budget"] for name, record in by_method(result).items()}
+    modules = 12
+    assert all(b["modules"] == modules for b in budgets.values())
+    assert budgets["lora"]["total_rank"] == budgets["peft_lora"]["total_rank"] == RANK * modules
+    assert budgets["lora"]["adapter_params"] == budgets["peft_lora"]["adapter_params"]
+    assert budgets["lora"]["trained_adapter_params"] == budgets["peft_lora"]["trained_adapter_params"]
+    # AdaLoRA: r_init = 1.5 r trains, the final budget is LoRA's total rank (on both sides)
+    assert budgets["adalora"]["total_rank"] == budgets["peft_adalora"]["total_rank"] == RANK * modules
+    assert budgets["adalora"]["trained_adapter_params"] == budgets["peft_adalora"]["trained_adapter_params"]
+    assert budgets["adalora"]["trained_adapter_params"] > budgets["lora"]["trained_adapter_params"]
+    assert len({b["head_params"] for b in budgets.values()}) == 1  # the same head trains in full everywhere
+
+
+def test_full_profile_uses_the_recipes_scaled_to_the_steps(bench):
+    """MRPC recipe: 30 epochs of 3,668 rows at batch 32 = 3,438 steps; AdaLoRA t_init 600 / t_final 1,800."""
+    as_recipe = bench.make_plan("mrpc", bench.Options(profile="full", data_dir=None), train_size=3668)
+    assert (as_recipe.steps, as_recipe.warmup, as_recipe.eval_every) == (3438, 100, 100)
+    assert as_recipe.schedule["adalora"] == {"t_init": 600, "t_final": 1800, "delta_t": 1}
+    short = bench.make_plan("mrpc", bench.Options(profile="full", steps=344, data_dir=None), train_size=3668)
+    assert short.schedule["adalora"] == {"t_init": 60, "t_final": 180, "delta_t": 1}
+    assert short.schedule["prilora"] == {"prune_interval": 10} and short.eval_every == 10
+    settings = bench.method_settings("adalora", short, rank=8)
+    assert (settings.r_init, settings.r_target, settings.gamma) == (12, 8, 0.1)
