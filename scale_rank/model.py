@@ -119,8 +119,7 @@ def quantize_in_place(model: nn.Module, quantization, auto=None) -> nn.Module:
     with tempfile.TemporaryDirectory() as tmp:  # each rank its own copy (save_pretrained writes on rank 0 only)
         model.config.save_pretrained(tmp)
         save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-        return auto.from_pretrained(tmp, quantization_config=quantization,
-                                    dtype=getattr(quantization, "bnb_4bit_quant_storage", None) or model.dtype)
+        return auto.from_pretrained(tmp, quantization_config=quantization, dtype=model.dtype)
 
 
 def keep_4bit_layout(model: nn.Module) -> None:
