@@ -33,9 +33,10 @@ def storage_dtype(precision: str, engine_kind: str = "single"):
     and their AdamW moments are float32 (never half-precision updates), and FSDP sees one dtype.
     """
     import torch
-    if engine_kind == "deepspeed" and precision in ("bf16", "fp16"):
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.float32
+
+    from .engine import precision_dtype
+    half = precision_dtype(precision)
+    return half if engine_kind == "deepspeed" and half is not None else torch.float32
 
 
 def quantization_config(model_cfg: ModelConfig, precision: str = "fp32", engine_kind: str = "single"):
@@ -49,7 +50,9 @@ def quantization_config(model_cfg: ModelConfig, precision: str = "fp32", engine_
         return None
     import torch
     from transformers import BitsAndBytesConfig
-    compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+
+    from .engine import precision_dtype
+    compute = precision_dtype(precision) or torch.float32
     dtype = storage_dtype(precision, engine_kind)
     skip = list(model_cfg.trainable if model_cfg.trainable is not None else DEFAULT_TRAINABLE)
     skip += ["lm_head"]  # output embeddings stay unquantized (transformers' default, lost when skip is given)
@@ -110,12 +113,11 @@ def load_classifier(name_or_path: str, num_labels: int, random_init: bool = Fals
     return load_model(name_or_path, "classification", num_labels, random_init, quantization)
 
 
-def quantize_in_place(model: nn.Module, quantization, auto=None) -> nn.Module:
+def quantize_in_place(model: nn.Module, quantization, auto) -> nn.Module:
     """Quantize a randomly initialised model the way from_pretrained would (via a temporary save)."""
     import tempfile
 
     from safetensors.torch import save_model
-    auto = auto or _auto_class("classification")
     with tempfile.TemporaryDirectory() as tmp:  # each rank its own copy (save_pretrained writes on rank 0 only)
         model.config.save_pretrained(tmp)
         save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
