@@ -76,7 +76,8 @@ def method_items(name: str, capacity: int) -> list[str]:
         "adalora": {"r_init": capacity, "r_target": max(1, capacity // 2), "t_init": 1, "t_final": 1,
                     "delta_t": 1},
         "sora": {"r_max": capacity},
-        "increlora": {"r_max": capacity, "r_target": max(1, capacity // 2), "t_init": 1, "incre_interval": 1},
+        "increlora": {"r_max": capacity, "r_target": max(1, capacity // 2), "incre_rank": 1, "t_init": 1,
+                      "incre_interval": 1},
         "prilora": {"r_first": max(1, capacity // 2), "r_last": capacity + capacity // 2, "prune_interval": 10},
     }[name]
     return [f"method.name={name}"] + [f"method.{k}={v}" for k, v in options.items()]

@@ -65,20 +65,28 @@ PEFT_ADAPTER = "default"
 
 
 @dataclass(frozen=True)
-class QuickShape:
+class ShortShape:
+    """A short profile's run of one task (schedules are fixed fractions of `steps`)."""
+
     steps: int
     batch_size: int
     max_length: int
+    lr: float | None = None  # None: the recipe's (the AdaLoRA paper's) learning rate
 
 
-# Quick profile: about 50 minutes for 2 tasks x 7 methods x 3 seeds on 2 idle CPU cores (bench/README.md).
-# MRPC's 110 steps leave IncreLoRA's growth window (10-70 % of the run, at most one event of 4 modules per step)
-# room for the 63 events MiniLM's 36 modules need to grow from rank 1 to r_target 8.
-QUICK = {"sst2": QuickShape(steps=220, batch_size=16, max_length=64),
-         "mrpc": QuickShape(steps=110, batch_size=16, max_length=128)}
-QUICK_OTHER = QUICK["mrpc"]
-PROFILES = {"quick": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2)},
-            "full": {"tasks": tuple(glue.TASKS), "seeds": (0, 1, 2, 3, 4)}}
+# quick: about 50 minutes for 2 tasks x 7 methods x 3 seeds on 2 idle CPU cores (bench/README.md); too short for
+# MRPC to leave the majority class. separate: long enough that LoRA is clearly above the majority class on both
+# tasks (MRPC at a higher learning rate), the profile the README's quality table comes from.
+SHORT_PROFILES = {
+    "quick": {"sst2": ShortShape(steps=220, batch_size=16, max_length=64),
+              "mrpc": ShortShape(steps=110, batch_size=16, max_length=128)},
+    "separate": {"sst2": ShortShape(steps=300, batch_size=16, max_length=64),
+                 "mrpc": ShortShape(steps=300, batch_size=16, max_length=96, lr=3e-3)},
+}
+PAPER_VARIANTS = ("adalora@init=paper", "increlora@init=paper")
+PROFILES = {"quick": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2), "methods": ALL_METHODS},
+            "separate": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2), "methods": ALL_METHODS + PAPER_VARIANTS},
+            "full": {"tasks": tuple(glue.TASKS), "seeds": (0, 1, 2, 3, 4), "methods": ALL_METHODS + PAPER_VARIANTS}}
 STEP_FIELDS = ("t_init", "t_final", "delta_t", "incre_interval", "restart_warmup", "prune_interval")
 AT_LEAST_ONE = ("delta_t", "incre_interval", "prune_interval")
 
@@ -89,7 +97,7 @@ class Options:
 
     profile: str = "quick"
     tasks: list[str] | None = None
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    methods: list[str] | None = None  # method specs, e.g. "adalora@init=paper"
     seeds: list[int] | None = None
     steps: int | None = None
     batch_size: int | None = None
@@ -150,18 +158,25 @@ def data_source(task: str, data_dir: str | None) -> str:
 def max_length_of(task: str, opts: Options) -> int:
     if opts.max_length:
         return opts.max_length
-    if opts.profile == "quick":
-        return QUICK.get(task, QUICK_OTHER).max_length
+    if opts.profile in SHORT_PROFILES:
+        return short_shape(task, opts.profile).max_length
     return recipe(task).data.max_length
 
 
+def short_shape(task: str, profile: str) -> ShortShape:
+    """The short profile's shape of `task` (tasks it does not name run like its MRPC)."""
+    shapes = SHORT_PROFILES[profile]
+    return shapes.get(task, shapes["mrpc"])
+
+
 def make_plan(task: str, opts: Options, train_size: int) -> TaskPlan:
-    """Quick: fixed fractions of a short run. Full: the recipe, its step counts scaled to --steps if given."""
+    """Short profiles: fixed fractions of a short run. Full: the recipe, its step counts scaled to --steps."""
     base = recipe(task)
     common = dict(task=task, source=data_source(task, opts.data_dir), max_length=max_length_of(task, opts),
-                  lr=base.train.lr, weight_decay=base.train.weight_decay)
-    if opts.profile == "quick":
-        shape = QUICK.get(task, QUICK_OTHER)
+                  weight_decay=base.train.weight_decay)
+    if opts.profile in SHORT_PROFILES:
+        shape = short_shape(task, opts.profile)
+        common["lr"] = shape.lr or base.train.lr
         steps = opts.steps or shape.steps
         tenth = round(0.1 * steps)
         schedule = {"adalora": {"t_init": tenth, "t_final": round(0.3 * steps), "delta_t": 1},
@@ -179,7 +194,7 @@ def make_plan(task: str, opts: Options, train_size: int) -> TaskPlan:
         schedule[name] = {key: _scaled(getattr(method, key), factor, key in AT_LEAST_ONE)
                           for key in STEP_FIELDS if getattr(method, key, None) is not None}
     eval_every = opts.eval_every if opts.eval_every is not None else _scaled(base.train.eval_every, factor, True)
-    return TaskPlan(**common, steps=steps, batch_size=base.train.batch_size,
+    return TaskPlan(**common, lr=base.train.lr, steps=steps, batch_size=base.train.batch_size,
                     warmup=_scaled(base.train.warmup_steps, factor, False), eval_every=eval_every,
                     schedule=schedule)
 
@@ -196,14 +211,29 @@ def budget_options(name: str, rank: int) -> dict:
     return {"lora": {"r": rank},
             "adalora": {"r_init": wide, "r_target": rank},
             "sora": {"r_max": rank},
-            "increlora": {"r_target": rank, "r_max": wide},
+            "increlora": {"r_target": rank, "r_max": wide},  # incre_rank r // 2: fits 1.5 r
             "prilora": {"r_first": rank - rank // 2, "r_last": rank + rank // 2}}[name]
 
 
-def method_settings(name: str, plan: TaskPlan, rank: int) -> MethodConfig:
-    """The recipe's method config (paper constants) with the matched budget and the plan's schedule."""
-    cfg = dataclasses.replace(recipe(plan.task, name).method, **budget_options(name, rank),
-                              **plan.schedule.get(name, {}))
+def split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'adalora@init=paper+gamma=0' -> ('adalora', {'init': 'paper', 'gamma': '0'}): a method and overrides."""
+    name, _, variant = spec.partition("@")
+    overrides = dict(item.split("=", 1) for item in variant.split("+") if item)
+    return name, overrides
+
+
+def label(spec: str) -> str:
+    name, overrides = split_spec(spec)
+    extra = ", ".join(f"{key}={value}" for key, value in overrides.items())
+    return LABELS[name] + (f" ({extra})" if extra else "")
+
+
+def method_settings(spec: str, plan: TaskPlan, rank: int) -> MethodConfig:
+    """The recipe's method config (paper constants) with the matched budget, the plan's schedule and the
+    spec's overrides (`name@key=value+key=value`)."""
+    name, overrides = split_spec(spec)
+    base = load_config(RECIPES / f"{plan.task}_{name}.yaml", [f"method.{k}={v}" for k, v in overrides.items()]).method
+    cfg = dataclasses.replace(base, **budget_options(name, rank), **plan.schedule.get(name, {}))
     cfg.validate(plan.steps)
     return cfg
 
@@ -293,11 +323,11 @@ def build_peft_run(name: str, base: nn.Module, plan: TaskPlan, rank: int, seed: 
     return Run(name, seed, model, optimizer, scheduler, allocate=allocate)
 
 
-def build_scale_rank_run(name: str, base: nn.Module, plan: TaskPlan, rank: int, seed: int, device: str,
+def build_scale_rank_run(spec: str, base: nn.Module, plan: TaskPlan, rank: int, seed: int, device: str,
                          peft_init: nn.Module | None) -> Run:
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
-    method = sr.adapt(model, method_settings(name, plan, rank), plan.steps, default_targets(model))
+    method = sr.adapt(model, method_settings(spec, plan, rank), plan.steps, default_targets(model))
     if peft_init is not None:
         copy_peft_init(model, peft_init)
     model.to(device)
@@ -307,23 +337,24 @@ def build_scale_rank_run(name: str, base: nn.Module, plan: TaskPlan, rank: int, 
     heads = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
     groups.append({"name": "heads", "params": heads, "lr": plan.lr, "weight_decay": plan.weight_decay})
     optimizer, scheduler = optimizer_and_schedule(groups, plan)
-    if hasattr(method, "track_optimizer"):
-        method.track_optimizer(optimizer)
-    return Run(name, seed, model, optimizer, scheduler, controller=controller)
+    method.track_optimizer(optimizer)
+    return Run(spec, seed, model, optimizer, scheduler, controller=controller)
 
 
 def build_runs(methods: list[str], base: nn.Module, plan: TaskPlan, rank: int, seed: int, device: str) -> list[Run]:
-    """One Run per method; scale_rank LoRA/AdaLoRA copy the initial adapters of PEFT's run of this seed."""
+    """One Run per method spec. scale_rank LoRA, and AdaLoRA with the papers' start (init=paper), copy the
+    initial adapters of PEFT's run of this seed (the same distributions, so the same draw)."""
     runs = {name: build_peft_run(name, base, plan, rank, seed, device) for name in methods if name in PEFT_METHODS}
-    for name in methods:
+    for spec in methods:
+        name, _ = split_spec(spec)
         if name in SCALE_RANK_METHODS:
             twin = f"peft_{name}"
             peft_init = None
-            if twin in PEFT_METHODS:
+            if twin in PEFT_METHODS and getattr(method_settings(spec, plan, rank), "init", "paper") == "paper":
                 twin_run = runs.get(twin) or build_peft_run(twin, base, plan, rank, seed, "cpu")
                 peft_init = twin_run.model
-            runs[name] = build_scale_rank_run(name, base, plan, rank, seed, device, peft_init)
-    return [runs[name] for name in methods]
+            runs[spec] = build_scale_rank_run(spec, base, plan, rank, seed, device, peft_init)
+    return [runs[spec] for spec in methods]
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -415,6 +446,28 @@ def final_ranks(run: Run) -> list[tuple[int, int, int]]:
     return out
 
 
+def orthogonality(run: Run) -> float | None:
+    """How far the final factors are from orthonormal: the mean over all A and B of ||A A^T - I||_F / sqrt(r)
+    and ||B^T B - I||_F / sqrt(r) over the components in use (0: orthonormal; 1: e.g. B = 0). None for LoRA."""
+    if run.controller is not None:
+        if split_spec(run.method)[0] == "lora":
+            return None
+        factors = []
+        for layer in run.controller.layers:
+            keep = layer.active.bool()
+            factors.append((layer.lora_A.detach()[keep], layer.lora_B.detach()[:, keep]))
+    else:
+        factors = [(A.detach(), B.detach()) for A, B, E in map(peft_factors, peft_layers(run.model)) if E is not None]
+        if not factors:
+            return None
+    values = []
+    for A, B in factors:
+        eye = torch.eye(A.shape[0], device=A.device)
+        for gram in (A.float() @ A.float().t(), B.float().t() @ B.float()):
+            values.append(float(torch.linalg.matrix_norm(gram - eye)) / max(1.0, A.shape[0]) ** 0.5)
+    return statistics.mean(values) if values else None
+
+
 def budget(run: Run) -> dict:
     """Final total rank, final adapter parameters (rank x (d_in + d_out), summed: a plain LoRA export of the
     final ranks), adapter parameters trained (the full capacity) and trained head parameters."""
@@ -451,6 +504,8 @@ def summarize(records: list[dict], metric_names: dict[str, str]) -> list[dict]:
                             for k, v in values.items()},
                 **{key: statistics.mean(r["budget"][key] for r in runs)
                    for key in ("total_rank", "adapter_params", "trained_adapter_params")},
+                "orthogonality": (statistics.mean(r["orthogonality"] for r in runs)
+                                  if runs[0].get("orthogonality") is not None else None),
                 "ms_per_step": 1e3 * statistics.median(t for r in runs for t in r["step_s"]),
                 "vs_peft_lora": statistics.median(ratios) if ratios else None})
     return rows
@@ -467,13 +522,14 @@ def format_table(rows: list[dict]) -> str:
         keys = list(task_rows[0]["metrics"])
         header = [f"{k} (primary)" if k == task_rows[0]["primary"] else k for k in keys]
         lines += ["", f"| {task} | " + " | ".join(header) + " | final total rank | final adapter params | "
-                  "trained adapter params | ms/step (median) | step time vs PEFT LoRA (median) |",
-                  "|---|" + "---:|" * (len(keys) + 5)]
+                  "trained adapter params | orthogonality | ms/step (median) | step time vs PEFT LoRA (median) |",
+                  "|---|" + "---:|" * (len(keys) + 6)]
         for row in task_rows:
             metrics = " | ".join(f"{row['metrics'][k]['mean']:.2f} ± {row['metrics'][k]['std']:.2f}" for k in keys)
             ratio = f"{row['vs_peft_lora']:.3f}" if row["vs_peft_lora"] is not None else "-"
-            lines.append(f"| {LABELS[row['method']]} | {metrics} | {_number(row['total_rank'])} | "
-                         f"{_number(row['adapter_params'])} | {_number(row['trained_adapter_params'])} | "
+            orth = f"{row['orthogonality']:.3f}" if row.get("orthogonality") is not None else "-"
+            lines.append(f"| {label(row['method'])} | {metrics} | {_number(row['total_rank'])} | "
+                         f"{_number(row['adapter_params'])} | {_number(row['trained_adapter_params'])} | {orth} | "
                          f"{row['ms_per_step']:.0f} | {ratio} |")
     return "\n".join(lines)
 
@@ -495,14 +551,15 @@ def lora_gap(records: list[dict]) -> str:
 def record(run: Run, task: TaskData) -> dict:
     return {"task": task.name, "method": run.method, "seed": run.seed, "evals": run.evals,
             "reported": primary_eval(run.evals, task.metric_name), "losses": run.losses, "step_s": run.step_s,
-            "budget": budget(run)}
+            "budget": budget(run), "orthogonality": orthogonality(run)}
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 def benchmark(opts: Options) -> dict:
     """Train every method on every task and seed; return plans, per-run records, summary rows and the table."""
-    unknown = set(opts.methods) - set(ALL_METHODS)
+    methods = list(opts.methods or PROFILES[opts.profile]["methods"])
+    unknown = {split_spec(spec)[0] for spec in methods} - set(ALL_METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {list(ALL_METHODS)}")
     from transformers import AutoTokenizer
@@ -522,7 +579,7 @@ def benchmark(opts: Options) -> dict:
         for seed in seeds:
             torch.manual_seed(seed)  # the classifier head is drawn here, once per seed
             base, _ = load_classifier(opts.model, task.num_labels)
-            runs = build_runs(opts.methods, base, plan, opts.rank, seed, opts.device)
+            runs = build_runs(methods, base, plan, opts.rank, seed, opts.device)
             train_seed(task, plan, runs, seed, opts.device)
             records += [record(run, task) for run in runs]
     rows = summarize(records, metric_names)
@@ -550,7 +607,8 @@ def parse_args(argv=None) -> tuple[Options, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--tasks", help="comma-separated GLUE tasks (default: the profile's)")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, from {ALL_METHODS}")
+    parser.add_argument("--methods", help=f"comma-separated specs, from {ALL_METHODS}, each optionally with "
+                        "settings: adalora@init=paper+gamma=0 (default: the profile's)")
     parser.add_argument("--seeds", help="comma-separated (default: 0,1,2 quick; 0..4 full)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the profile's)")
     parser.add_argument("--batch-size", type=int)
@@ -565,7 +623,7 @@ def parse_args(argv=None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--json", help="write plans, every run's raw record and the summary rows here")
     args = parser.parse_args(argv)
     opts = Options(profile=args.profile, tasks=_split(args.tasks) if args.tasks else None,
-                   methods=_split(args.methods), seeds=[int(s) for s in _split(args.seeds)] if args.seeds else None,
+                   methods=_split(args.methods) if args.methods else None, seeds=[int(s) for s in _split(args.seeds)] if args.seeds else None,
                    steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                    eval_every=args.eval_every, rank=args.rank, model=args.model, data_dir=args.data_dir or None,
                    device=args.device)

@@ -41,6 +41,30 @@ class MethodConfig:
             raise ConfigError(f"method.gamma must be >= 0, got {self.gamma}")
 
 
+INITS = ("lora", "paper")
+
+
+@dataclass
+class SVDFormConfig(MethodConfig):
+    """Fields of the SVD-form methods (AdaLoRA, IncreLoRA): B diag(lam) A with a sensitivity score.
+
+    init "lora" (default): A Kaiming-uniform, B = 0, lam = 1, so the adapter starts as a LoRA adapter and
+    learns from the first step (docs/methods.md, "The stall"). init "paper": the papers' exact start,
+    lam = 0 and A, B ~ N(0, 0.02), whose update is second order in the parameters and stalls short runs.
+    """
+
+    gamma: float = 0.1
+    init: str = "lora"
+    beta1: float = 0.85
+    beta2: float = 0.85
+
+    def validate(self, total_steps: int | None) -> None:
+        super().validate(total_steps)
+        _choice("method.init", self.init, INITS)
+        _beta("method.beta1", self.beta1)
+        _beta("method.beta2", self.beta2)
+
+
 @dataclass
 class LoRAConfig(MethodConfig):
     name: str = "lora"
@@ -52,14 +76,11 @@ class LoRAConfig(MethodConfig):
 
 
 @dataclass
-class AdaLoRAConfig(MethodConfig):
+class AdaLoRAConfig(SVDFormConfig):
     name: str = "adalora"
     alpha: float = 32.0
-    gamma: float = 0.1
     r_init: int = 12
     r_target: int = 8
-    beta1: float = 0.85
-    beta2: float = 0.85
     t_init: int | None = None  # None: 10% of total steps
     t_final: int | None = None  # None: 30% of total steps
     delta_t: int = 10
@@ -74,8 +95,6 @@ class AdaLoRAConfig(MethodConfig):
         _positive("method.r_init", self.r_init)
         _non_negative("method.r_target", self.r_target)
         _positive("method.delta_t", self.delta_t)
-        _beta("method.beta1", self.beta1)
-        _beta("method.beta2", self.beta2)
         if self.r_target > self.r_init:
             raise ConfigError(
                 f"method.r_target ({self.r_target}) exceeds method.r_init ({self.r_init}): AdaLoRA only "
@@ -118,44 +137,45 @@ class SoRAConfig(MethodConfig):
 
 
 @dataclass
-class IncreLoRAConfig(MethodConfig):
+class IncreLoRAConfig(SVDFormConfig):
     name: str = "increlora"
     alpha: float = 8.0
-    gamma: float = 0.1
     r_start: int = 1
     r_target: int = 4  # average rank per module at the end of growth
     r_max: int = 12  # fixed capacity per module (active + reserve components)
-    incre_rank: int = 1
-    top_h: int = 4
+    incre_rank: int | None = None  # components a module gains per event; None: r_target // 2, at least 1 (official)
+    top_h: int = 6  # modules selected per growth event (official code's default)
     incre_interval: int | None = None  # None: spread growth evenly until 70% of training
     t_init: int | None = None  # warmup before growth; None: 10% of total steps
     restart_warmup: int | None = None  # None: incre_interval
     reserve_lam: float = 1e-5
-    beta1: float = 0.85
-    beta2: float = 0.85
     score: str = "component"  # "component" (shard-friendly) or "dense" (official code, one process)
     scale_rule: str = "fixed"  # "fixed": alpha / r_start; "rank": alpha / current rank (official code)
 
+    def resolved_incre_rank(self) -> int:
+        return self.incre_rank if self.incre_rank is not None else max(1, self.r_target // 2)
+
     def validate(self, total_steps: int | None) -> None:
         super().validate(total_steps)
-        for key in ("r_start", "r_target", "r_max", "incre_rank", "top_h"):
+        for key in ("r_start", "r_target", "r_max", "top_h"):
             _positive(f"method.{key}", getattr(self, key))
-        _beta("method.beta1", self.beta1)
-        _beta("method.beta2", self.beta2)
+        if self.incre_rank is not None:
+            _positive("method.incre_rank", self.incre_rank)
+        incre_rank = self.resolved_incre_rank()
         _choice("method.score", self.score, ("component", "dense"))
         _choice("method.scale_rule", self.scale_rule, ("fixed", "rank"))
         if self.r_target < self.r_start:
             raise ConfigError(f"method.r_target ({self.r_target}) < method.r_start ({self.r_start}): "
                               "IncreLoRA only grows")
-        if self.r_max < self.r_start + self.incre_rank:
+        if self.r_max < self.r_start + incre_rank:
             raise ConfigError(
                 f"method.r_max ({self.r_max}) must hold r_start + incre_rank reserve components "
-                f"({self.r_start + self.incre_rank}); raise r_max")
-        if self.r_target > self.r_max - self.incre_rank:
+                f"({self.r_start + incre_rank}); raise r_max")
+        if self.r_target > self.r_max - incre_rank:
             raise ConfigError(
                 f"method.r_target ({self.r_target}) cannot be reached with capacity r_max={self.r_max} "
-                f"and incre_rank={self.incre_rank} reserves; raise r_max to at least "
-                f"{self.r_target + self.incre_rank}")
+                f"and incre_rank={incre_rank} reserves; raise r_max to at least "
+                f"{self.r_target + incre_rank}")
         if self.incre_interval is not None:
             _positive("method.incre_interval", self.incre_interval)
         if self.restart_warmup is not None:

@@ -41,10 +41,9 @@ class RankController:
         self._pending: tuple[int, torch.Tensor | None] | None = None
         self._forwards = 0
         self._forwards_allowed = _FORGOTTEN_AFTER
-        gamma = method.config.gamma
         self.reg_coef = None
-        if gamma > 0:
-            self.reg_coef = torch.tensor(gamma / len(self.layers), device=self.layers[0].lora_A.device)
+        if method.config.gamma > 0:
+            self.reg_coef = torch.tensor(self._reg_weight(), device=self.layers[0].lora_A.device)
             for layer in self.layers:
                 layer.reg_coef = self.reg_coef
         self._hook = model.register_forward_pre_hook(self._count_forward)
@@ -115,14 +114,18 @@ class RankController:
     def set_grad_scale(self, factor: float) -> None:
         """Scale the regularizer's gradient like the loss (1 / grad_accum, times an fp16 loss scale)."""
         if self.reg_coef is not None:
-            self.reg_coef.fill_(self.method.config.gamma / len(self.layers) * factor)
+            self.reg_coef.fill_(self._reg_weight() * factor)
+
+    def _reg_weight(self) -> float:
+        """gamma over the number of A and B matrices (2 per module): the regularizer is their mean norm."""
+        return self.method.config.gamma / (2 * len(self.layers))
 
     # -- guarding against a forgotten call -----------------------------------------------------------
     def _count_forward(self, module: nn.Module, args) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
         self._forwards += 1
-        if self._forwards == self._forwards_allowed and self.method.name != "lora":
+        if self._forwards == self._forwards_allowed and self.method.allocates_ranks:
             message = (f"{self._forwards} training forward passes without RankController.observe()/apply(): "
                        f"{self.method.name} is not allocating ranks (it trains as plain LoRA). Call "
                        "controller.step(optimizer) each optimizer step, or use ScaleRankCallback with Trainer.")
@@ -146,8 +149,10 @@ class RankController:
         return {layer.site: int(r) for layer, r in zip(self.layers, self.method.ranks())}
 
     def regularization(self) -> float:
+        """The last forward's orthogonality term before gamma: the mean of ||A A^T - I|| and ||B^T B - I||
+        over every adapted module's A and B (what gamma multiplies in the loss)."""
         values = [layer.last_reg for layer in self.layers if layer.last_reg is not None]
-        return float(torch.stack(values).mean()) if values else 0.0
+        return float(torch.stack(values).sum()) / (2 * len(self.layers)) if values else 0.0
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -43,7 +43,6 @@ from transformers import TrainerCallback
 
 from .controller import RankController
 from .inject import adapter_layers
-from .methods.sora import GATE_GROUP, SoRA
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +97,8 @@ class ScaleRankCallback(TrainerCallback):
             return
         controller.rebind()
         inner = _innermost_optimizer(optimizer) if optimizer is not None else None
-        if isinstance(controller.method, SoRA) and inner is not None and any(
-                g.get("name") == GATE_GROUP for g in inner.param_groups):
-            controller.method.track_optimizer(inner)  # xi_mode "lr" follows the gate group's live lr
+        if inner is not None:
+            controller.method.track_optimizer(inner)  # e.g. SoRA's xi_mode "lr" follows the gate group's lr
 
     def _guard(self, optimizer) -> None:
         inner = _innermost_optimizer(optimizer)
@@ -185,7 +183,7 @@ def check_trainer(trainer) -> None:
     if not layers:
         return
     called = {id(cb.controller) for cb in trainer.callback_handler.callbacks if isinstance(cb, ScaleRankCallback)}
-    controllers = [c for c in _controllers_of(model) if c.method.name != "lora"]
+    controllers = [c for c in _controllers_of(model) if c.method.allocates_ranks]
     if any(id(c) not in called for c in controllers):
         problem = "has no ScaleRankCallback for their RankController"
     elif not controllers and not called and not all(_plain_lora(layer) for layer in layers):

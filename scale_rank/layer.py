@@ -107,6 +107,16 @@ class AdaptiveLoRALayer(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
+    def init_svd_form(self, init: str) -> None:
+        """Start of AdaLoRA / IncreLoRA adapters (docs/methods.md): "paper" lam = 0 and A, B ~ N(0, 0.02);
+        "lora" A Kaiming-uniform, B = 0, lam = 1 (the adapter starts as a LoRA adapter)."""
+        if init == "paper":
+            self.init_gaussian(0.02)
+            nn.init.zeros_(self.lora_lam.data)
+        else:
+            self.init_kaiming_zero()
+            nn.init.ones_(self.lora_lam.data)
+
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -137,7 +147,11 @@ class AdaptiveLoRALayer(nn.Module):
         return hook
 
     def orthogonality(self) -> torch.Tensor:
-        """||A A^T - I||_F + ||B^T B - I||_F over all active components (AdaLoRA's code form)."""
+        """||A A^T - I||_F + ||B^T B - I||_F over the active components (non-squared norms, as AdaLoRA's code).
+
+        The controller weights it by gamma / (2 * modules): the loss carries gamma times the mean norm over all
+        A and B matrices, counted separately (AdaLoRA's, IncreLoRA's and PEFT's normalisation).
+        """
         kept = self._kept_components()
         if kept is None:  # every component active (AdaLoRA, SoRA): no gather, no scatter in backward
             A = self.lora_A.view_as(self.lora_A).float()

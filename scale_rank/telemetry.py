@@ -122,9 +122,10 @@ class RankTable:
         method = controller.method
         modules = module_infos(controller.layers)
         step = controller.history[-1]["step"] if controller.history else controller.step_count
+        scores = method.module_scores()
         return cls(step=step, modules=modules, ranks=[int(r) for r in method.ranks().tolist()],
-                   scores=module_scores(method, len(modules)), target=method_target(method),
-                   scheduled=_scheduled(method, step), method=getattr(method, "name", None))
+                   scores=None if scores is None else [float(s) for s in scores], target=method.target_budget(),
+                   scheduled=method.scheduled_budget(step), method=method.name)
 
     @classmethod
     def from_event(cls, modules: list[ModuleInfo], event: dict, target: int | None = None) -> "RankTable":
@@ -137,38 +138,6 @@ class RankTable:
 def module_infos(layers) -> list[ModuleInfo]:
     return [ModuleInfo(layer.site, int(layer.layer_index), layer.kind, int(layer.r_max), int(layer.d_in),
                        int(layer.d_out), bool(layer.lora_lam.requires_grad)) for layer in layers]
-
-
-def method_target(method) -> int | None:
-    for name in ("b_target", "target_total"):
-        value = getattr(method, name, None)
-        if value is not None:
-            return int(value)
-    return None
-
-
-def _scheduled(method, step: int) -> int | None:
-    budget = getattr(method, "budget", None)
-    if not callable(budget) or getattr(method, "total_steps", None) is None:
-        return None
-    try:
-        return int(budget(step))
-    except Exception:  # a budget that is not defined at this step: no scheduled value
-        return None
-
-
-def module_scores(method, n_modules: int) -> list[float] | None:
-    """Per-module scores of the last decision: per-component scores are summed per module."""
-    scores = getattr(method, "last_scores", None)
-    if scores is None:
-        return None
-    scores = scores.detach().double().cpu()
-    if scores.numel() == n_modules:
-        return [float(s) for s in scores]
-    layout = getattr(method, "layout", None)
-    if layout is not None and scores.numel() == layout.n_components:
-        return [float(s) for s in layout.per_module_sum(scores)]
-    return None
 
 
 def rank_matrix(table: RankTable) -> tuple[list[int], list[str], list[list[float]]]:

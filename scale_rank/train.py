@@ -109,8 +109,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
     engine = TrainingEngine(kind, model, groups, cfg.train, cfg.train.total_steps, proc, ds_path)
     controller = RankController(model, method, engine.access, Collective())
     controller.set_accumulation(cfg.train.grad_accum)
-    if hasattr(method, "track_optimizer"):
-        method.track_optimizer(engine.optimizer)
+    method.track_optimizer(engine.optimizer)
 
     start = 0
     if proc.is_main:

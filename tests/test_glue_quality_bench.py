@@ -100,3 +100,24 @@ def test_full_profile_uses_the_recipes_scaled_to_the_steps(bench):
     assert short.schedule["prilora"] == {"prune_interval": 10} and short.eval_every == 10
     settings = bench.method_settings("adalora", short, rank=8)
     assert (settings.r_init, settings.r_target, settings.gamma) == (12, 8, 0.1)
+
+
+def test_method_specs_carry_settings(bench):
+    """`name@key=value+key=value` runs a method with changed settings (the paper-exact variants)."""
+    assert bench.split_spec("adalora@init=paper+gamma=0") == ("adalora", {"init": "paper", "gamma": "0"})
+    assert bench.label("increlora@init=paper") == "IncreLoRA (init=paper)"
+    plan = bench.make_plan("mrpc", bench.Options(profile="separate", data_dir=None), train_size=2576)
+    paper = bench.method_settings("adalora@init=paper+gamma=0", plan, rank=8)
+    assert (paper.init, paper.gamma, paper.r_init) == ("paper", 0.0, 12)
+    assert bench.method_settings("adalora", plan, rank=8).init == "lora"
+    with pytest.raises(Exception, match="unknown method option"):
+        bench.method_settings("adalora@no_such=1", plan, rank=8)
+
+
+def test_separate_profile_shapes(bench):
+    """The profile behind the README's table: 300 steps per task, MRPC at lr 3e-3, paper variants included."""
+    sst2 = bench.make_plan("sst2", bench.Options(profile="separate", data_dir=None), train_size=67349)
+    mrpc = bench.make_plan("mrpc", bench.Options(profile="separate", data_dir=None), train_size=2576)
+    assert (sst2.steps, sst2.lr, mrpc.steps, mrpc.lr, mrpc.max_length) == (300, 8e-4, 300, 3e-3, 96)
+    assert set(bench.PAPER_VARIANTS) < set(bench.PROFILES["separate"]["methods"])
+    assert mrpc.schedule["adalora"] == {"t_init": 30, "t_final": 90, "delta_t": 1}

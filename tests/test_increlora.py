@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from scale_rank.config import IncreLoRAConfig
+from scale_rank.export import export_peft
 from tests.support.methods import ReferenceScores, Run, fixed_batches, spearman
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -90,7 +92,7 @@ def test_remainder_smaller_than_incre_rank_does_not_overshoot():
 def test_decide_with_all_scores_tied():
     run = Run("increlora", total_steps=20, r_start=1, r_target=3, r_max=5, incre_rank=2, top_h=4, t_init=1)
     method = run.method
-    method.module_scores = lambda sums: torch.zeros(N_MODULES)  # a complete tie
+    method.scores_from_sums = lambda sums: torch.zeros(N_MODULES)  # a complete tie
     growth = method.decide(None, step=5)
     assert growth.tolist().count(2) == 4 and int(growth.sum()) == 8  # exactly top_h modules
     # near the target: 2 components left -> one module gets them, nobody else
@@ -119,6 +121,8 @@ def test_natural_tie_at_init_grows_exactly_top_h():
 # ------------------------------------------------------------------------------------------------
 
 def test_reserves_train_with_lam_frozen():
+    """Reserve lam stays at reserve_lam and gets no gradient, so its AdamW moments are still zero when it is
+    activated (the official code keeps it frozen, then trains it with fresh optimizer state)."""
     cfg = dict(total_steps=16, r_start=1, r_target=2, r_max=4, incre_rank=1, top_h=6, t_init=4,
                incre_interval=4)
     run = Run("increlora", **cfg)
@@ -135,6 +139,8 @@ def test_reserves_train_with_lam_frozen():
             r = ranks[k]
             lam = layer.lora_lam.detach()
             assert lam[r] == RESERVE_LAM, (step, k)           # reserve lam frozen
+            moments = run.optimizer.state[layer.lora_lam]
+            assert moments["exp_avg"][r] == 0 and moments["exp_avg_sq"][r] == 0, (step, k)
             assert torch.all(lam[r + 1:] == 0)                # beyond the reserve: untouched
             A0, B0 = init[k]
             assert torch.equal(layer.lora_A.detach()[r + 1:], A0[r + 1:])
@@ -144,26 +150,27 @@ def test_reserves_train_with_lam_frozen():
                 assert not torch.equal(layer.lora_A.detach()[r], A1[r]), (step, k)
                 assert not torch.equal(layer.lora_B.detach()[:, r], B1[:, r]), (step, k)
 
-    run.train(fixed_batches(), 12, before_observe=before_observe, after_apply=after_apply)
-    ranks = run.method.ranks().tolist()
-    assert sum(ranks) == 24  # two events of 6
-    grown = [k for k, r in enumerate(ranks) if r > 1]
-    # once selected, the former reserve's lam trains (leaves reserve_lam)
-    for k in grown:
+    run.train(fixed_batches(), 11, before_observe=before_observe, after_apply=after_apply)  # events at 8, 12
+    grown = [k for k, r in enumerate(run.method.ranks().tolist()) if r > 1]
+    assert len(grown) == 6
+    for k in grown:  # once selected, the former reserve's lam trains (leaves reserve_lam)
         assert run.layers[k].lora_lam.detach()[1] != RESERVE_LAM
 
 
-def test_reserves_leave_the_model_at_the_end():
-    run = Run("increlora", total_steps=8, r_start=1, r_target=2, r_max=4, incre_rank=1, top_h=6, t_init=1,
+def test_reserves_leave_the_model_when_growth_ends(tmp_path):
+    """As in the official code, reserves are gone as soon as the target is reached (not only at step T), so
+    an export after growth holds exactly the allocated ranks."""
+    run = Run("increlora", total_steps=12, r_start=1, r_target=2, r_max=4, incre_rank=1, top_h=6, t_init=1,
               incre_interval=2)
-    run.train(fixed_batches(), 7)
+    run.train(fixed_batches(), 4)  # events at 3 and 5 (6 modules each)
     assert all(int(l.active.sum()) == r + 1 for l, r in zip(run.layers, run.method.ranks().tolist()))
     run.train(fixed_batches(), 1)
     ranks = run.method.ranks().tolist()
-    assert sum(ranks) == 24
+    assert sum(ranks) == 24 and not run.method.growing
     for layer, r in zip(run.layers, ranks):
         assert layer.active.tolist() == [1.0] * r + [0.0] * (4 - r)
         assert layer.rank() == r
+    assert sum(export_peft(run.model, tmp_path)["ranks"].values()) == 24
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,14 +178,19 @@ def test_reserves_leave_the_model_at_the_end():
 # ------------------------------------------------------------------------------------------------
 
 def test_restarted_warmup_scales_new_components_updates():
-    """With SGD the unscaled update is -lr * grad; a component activated at step a gets factor
-    min((t - a) / W, 1) on its update at step t (A row, B column and lam alike)."""
+    """With SGD the unscaled update is -lr * grad. As in the official code, a growth event at step a restarts
+    a warmup min((t - a) / W, 1) for the activated components' lam and for the new reserves' A and B; the
+    activated components' A and B (trained as reserves already) keep full steps."""
     lr, W = 0.05, 4
     run = Run("increlora", optimizer="sgd", lr=lr, total_steps=20, r_start=1, r_target=3, r_max=5,
               incre_rank=1, top_h=3, t_init=2, incre_interval=2, restart_warmup=W)
-    activated: dict[tuple[int, int], int] = {}
+    lam_since: dict[tuple[int, int], int] = {}
+    factors_since: dict[tuple[int, int], int] = {}
     state = {}
     scaled_seen = set()
+
+    def factor(since, k, i, step):
+        return min((step - since[(k, i)]) / W, 1.0) if (k, i) in since else 1.0
 
     def before_observe(step):
         state["ranks"] = run.method.ranks().tolist()
@@ -191,23 +203,24 @@ def test_restarted_warmup_scales_new_components_updates():
         new_ranks = run.method.ranks().tolist()
         for k, layer in enumerate(run.layers):
             (A0, B0, lam0), (gA, gB, glam) = state["old"][k], state["grad"][k]
-            factor = torch.ones(layer.r_max)
-            for i in range(layer.r_max):
-                if (k, i) in activated:
-                    factor[i] = min((step - activated[(k, i)]) / W, 1.0)
-            scaled_seen.update((k, i, float(f)) for i, f in enumerate(factor) if f < 1)
-            torch.testing.assert_close(layer.lora_A.detach(), A0 - lr * gA * factor[:, None], rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(layer.lora_B.detach(), B0 - lr * gB * factor[None, :], rtol=1e-5, atol=1e-7)
-            lam_expected = lam0 - lr * glam * factor
-            if new_ranks[k] < layer.r_max:  # the reserve's lam is reset to reserve_lam
+            f_lam = torch.tensor([factor(lam_since, k, i, step) for i in range(layer.r_max)])
+            f_ab = torch.tensor([factor(factors_since, k, i, step) for i in range(layer.r_max)])
+            scaled_seen.update(float(f) for f in torch.cat([f_lam, f_ab]) if f < 1)
+            torch.testing.assert_close(layer.lora_A.detach(), A0 - lr * gA * f_ab[:, None], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(layer.lora_B.detach(), B0 - lr * gB * f_ab[None, :], rtol=1e-5, atol=1e-7)
+            lam_expected = lam0 - lr * glam * f_lam
+            old_rank = state["ranks"][k]
+            if old_rank < layer.r_max:  # the reserve's lam had no gradient
+                lam_expected[old_rank] = lam0[old_rank]
+            if run.method.growing and new_ranks[k] < layer.r_max:  # the (new) reserve's lam: reserve_lam
                 lam_expected[new_ranks[k]] = RESERVE_LAM
             torch.testing.assert_close(layer.lora_lam.detach(), lam_expected, rtol=1e-5, atol=1e-9)
-            for i in range(state["ranks"][k], new_ranks[k]):  # activated at this step
-                activated[(k, i)] = step
+            for i in range(old_rank, new_ranks[k]):  # activated at this step; the next one is a fresh reserve
+                lam_since[(k, i)] = step
+                factors_since[(k, i + 1)] = step
 
     run.train(fixed_batches(), 20, before_observe=before_observe, after_apply=after_apply)
-    factors = {f for _, _, f in scaled_seen}
-    assert factors == {0.25, 0.5, 0.75}, factors
+    assert scaled_seen == {0.25, 0.5, 0.75}, scaled_seen
     assert sum(run.method.ranks().tolist()) == 36
 
 
@@ -215,11 +228,14 @@ def test_restarted_warmup_scales_new_components_updates():
 # scale rule and init
 # ------------------------------------------------------------------------------------------------
 
-def test_init_layout():
-    run = Run("increlora", total_steps=10, r_start=2, r_target=3, r_max=6, incre_rank=2, alpha=8.0)
+@pytest.mark.parametrize("init,lam", [("lora", 1.0), ("paper", 0.0)])
+def test_init_layout(init, lam):
+    run = Run("increlora", total_steps=10, r_start=2, r_target=3, r_max=6, incre_rank=2, alpha=8.0, init=init)
     for layer in run.layers:
         assert layer.active.tolist() == [1, 1, 1, 1, 0, 0]
-        assert layer.lora_lam.detach()[:2].tolist() == [0, 0]
+        assert layer.lora_lam.detach()[:2].tolist() == [lam, lam]
+        assert torch.all(layer.lora_lam.detach()[4:] == 0)
+        assert torch.all(layer.lora_B == 0) == (init == "lora")
         assert torch.all(layer.lora_lam.detach()[2:4] == RESERVE_LAM)
         assert float(layer.scale) == pytest.approx(8.0 / 2)
     assert run.method.ranks().tolist() == [2] * N_MODULES
@@ -326,3 +342,13 @@ def test_dense_and_component_scores_rank_modules(gamma, capsys):
               f"top-4 overlap {len(top_dense & top_component)}/4; component min/max = {spread:.2f}")
     if gamma == 0.0:
         assert rho > 0.5
+
+
+def test_official_growth_defaults():
+    """The official code grows top_h = 6 modules per event by incre_rank = r_target // 2 (8 -> 4, 2 -> 1)."""
+    assert IncreLoRAConfig(r_target=8, r_max=12).resolved_incre_rank() == 4
+    assert IncreLoRAConfig(r_target=2).resolved_incre_rank() == 1
+    assert IncreLoRAConfig(r_target=8, incre_rank=2).resolved_incre_rank() == 2
+    assert IncreLoRAConfig().top_h == 6
+    run = Run("increlora", total_steps=20, r_start=1, r_target=4, r_max=6, t_init=2)
+    assert run.method.incre_rank == 2 and int(run.method.reserve.sum()) == 2 * N_MODULES

@@ -113,15 +113,18 @@ def test_init_and_scale():
         assert float(layer.lora_A.detach().abs().max()) <= bound + 1e-6
 
 
-def test_l1_term_adds_sign_to_gate_gradient():
+def test_l1_term_is_the_mean_over_all_gates():
+    """The official code adds l1 * sum|g| / p_total (p_total: every gate of every module): its gradient is
+    l1 * sign(g) / p_total (our former term was p_total times stronger: this test fails on it)."""
     run = Run("sora", r_max=4, l1=0.25)
+    p_total = 4 * len(run.layers)
     ids, labels = fixed_batches()[0]
     run.model(input_ids=ids, labels=labels).loss.backward()
     plain = [layer.lora_lam.grad.clone() for layer in run.layers]
     signs = [layer.lora_lam.detach().sign() for layer in run.layers]
     run.controller.observe()
     for layer, g, s in zip(run.layers, plain, signs):
-        torch.testing.assert_close(layer.lora_lam.grad, g + 0.25 * s)
+        torch.testing.assert_close(layer.lora_lam.grad, g + 0.25 / p_total * s)
     run.optimizer.step()
     run.controller.apply()
 
@@ -145,6 +148,32 @@ def test_xi_mode_lr_follows_gate_group_lr():
     group = next(g for g in run.optimizer.param_groups if g["name"] == GATE_GROUP)
     group["lr"] = 0.004  # as a scheduler would
     assert run.method.xi(5) == pytest.approx(0.5 * 0.004)
+
+
+def test_xi_mode_lr_uses_the_rate_of_the_step_taken():
+    """A scheduler stepping between the optimizer step and apply() must not shift the threshold to the next
+    step's rate: on the last step of a linear decay that rate is 0 and nothing would be thresholded."""
+    T, xi, lr = 4, 0.5, 0.02
+    run = Run("sora", r_max=4, xi=xi, xi_mode="lr", total_steps=T, lr=lr)
+    run.method.track_optimizer(run.optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda step: 1 - step / T)
+    thresholds = []
+
+    def after_optimizer(step):
+        gates = [layer.lora_lam.detach().clone() for layer in run.layers]
+        scheduler.step()  # the loop's order: optimizer, scheduler, then the controller's apply
+        state["gates"] = gates
+
+    def after_apply(step):
+        before = torch.cat(state["gates"])
+        after = torch.cat([layer.lora_lam.detach() for layer in run.layers])
+        survived = after != 0
+        thresholds.append(float((before.abs() - after.abs())[survived].mean()))
+
+    state = {}
+    run.train(fixed_batches(), T, after_optimizer=after_optimizer, after_apply=after_apply)
+    used = [xi * lr * (1 - (t - 1) / T) for t in range(1, T + 1)]
+    assert thresholds == pytest.approx(used, rel=1e-3)
 
 
 def test_xi_mode_lr_without_a_known_lr_fails_clearly():

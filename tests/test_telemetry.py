@@ -131,7 +131,7 @@ def test_report_without_telemetry_file(tmp_path):
 
 def test_increlora_scores_are_per_module(tmp_path):
     run, telemetry = _train("increlora", tmp_path, steps=6, total_steps=6, r_start=1, r_target=3, r_max=6,
-                            top_h=3, incre_interval=2, t_init=2)
+                            incre_rank=1, top_h=3, incre_interval=2, t_init=2)
     telemetry.close()
     table = tm.RankTable.from_controller(run.controller)
     assert table.target == run.method.target_total

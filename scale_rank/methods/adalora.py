@@ -5,7 +5,6 @@ import torch
 
 from ..config import AdaLoRAConfig
 from ..importance import SensitivityTracker
-from ..inject import Site
 from ..layer import AdaptiveLoRALayer
 from ..schedules import cubic_budget
 from .base import Method, edit_local
@@ -23,12 +22,12 @@ class AdaLoRA(Method):
     name = "adalora"
     config: AdaLoRAConfig
 
-    def capacity(self, site: Site, n_layers: int) -> int:
-        return self.config.r_init
+    @classmethod
+    def site_capacity(cls, config: AdaLoRAConfig, layer_index: int, n_layers: int) -> int:
+        return config.r_init
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
-        layer.init_gaussian(0.02)
-        torch.nn.init.zeros_(layer.lora_lam.data)
+        layer.init_svd_form(self.config.init)
         layer.scale.fill_(self.config.alpha / self.config.r_init)
 
     def bind(self, layers, access, comm) -> None:
@@ -51,10 +50,17 @@ class AdaLoRA(Method):
         end = self.final_phase_start
         return self.t_init < step <= end and (step % self.config.delta_t == 0 or step == end)
 
+    def target_budget(self) -> int:
+        return self.b_target
+
+    def scheduled_budget(self, step: int) -> int:
+        return self.budget(step)
+
+    def before_step(self, step: int) -> None:
+        if step <= self.final_phase_start:  # scores are frozen in the final phase
+            self.tracker.update()
+
     def partial_sums(self, step: int) -> torch.Tensor | None:
-        if step > self.final_phase_start:
-            return None  # scores are frozen in the final phase
-        self.tracker.update()
         return self.tracker.partial_sums() if self.decides_at(step) else None
 
     def decide(self, sums: torch.Tensor | None, step: int) -> torch.Tensor:

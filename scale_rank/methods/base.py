@@ -12,23 +12,48 @@ from ..shards import ShardAccess
 
 
 class Method:
-    """Base class: plain behaviour (no statistics, no decisions) that methods override in parts.
+    """Base class and contract of a rank-allocation method (docs/design.md, "The method contract").
 
     Life cycle: `capacity`/`init_layer` when adapters are attached; `bind` once the engine has placed the
     parameters; then per optimizer step `before_step` -> `partial_sums` -> (all-reduce) -> `absorb` ->
     `decide` (rank 0, when `decides_at`) -> (broadcast) -> optimizer step -> `apply`.
+
+    What a method may touch:
+    - directly: its own replicated state (masks, EMAs of reduced sums, counters) and each layer's buffers
+      `active` and `scale` (replicated on every rank under every engine);
+    - only through shard access (`self.access`, `edit_local`): the values and gradients of lora_A, lora_B and
+      lora_lam, which an engine may shard, flatten or keep as an fp32 master copy.
+    Collectives: the controller runs the step's one all-reduce (of `partial_sums`) and one broadcast (of
+    `decide`'s result). `apply` may use `self.comm` for collectives that every rank reaches at the same step
+    with the same shapes (SoRA's gate count, PRILoRA's bisection); no other hook may communicate.
+
+    Everything the controller, telemetry, export, the Trainer callback and the planner ask of a method is a
+    member here; subclasses override what applies to them.
     """
 
     name = "base"
     decision_per_module = False  # decisions are per component (False) or per module (True)
+    allocates_ranks = True  # False: fixed ranks, nothing happens without the controller (plain LoRA)
+    trains_lam = True  # False: lam stays fixed at 1 (a parameter without gradient)
 
     def __init__(self, config: MethodConfig, total_steps: int | None):
         self.config = config
         self.total_steps = total_steps
+        self.last_scores: torch.Tensor | None = None  # scores of the last decision (per component or module)
 
     # -- attach time ---------------------------------------------------------------------------------
-    def capacity(self, site: Site, n_layers: int) -> int:
+    @classmethod
+    def site_capacity(cls, config: MethodConfig, layer_index: int, n_layers: int) -> int:
+        """r_max of the adapter on a module of 0-based layer `layer_index` of `n_layers` (also the planner's)."""
         raise NotImplementedError
+
+    @classmethod
+    def world_size_error(cls, config: MethodConfig, world_size: int) -> str | None:
+        """Why `config` cannot run on `world_size` data-parallel ranks (None: it can)."""
+        return None
+
+    def capacity(self, site: Site, n_layers: int) -> int:
+        return self.site_capacity(self.config, site.layer_index, n_layers)
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
         raise NotImplementedError
@@ -46,10 +71,12 @@ class Method:
 
     # -- per optimizer step --------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
-        """Grads are present and the optimizer has not stepped: local edits of gradients go here."""
+        """Grads are present and the optimizer has not stepped: statistics updates and local edits of
+        gradients go here."""
 
     def partial_sums(self, step: int) -> torch.Tensor | None:
-        """This rank's float64 partial sums to all-reduce this step, or None for no reduction."""
+        """This rank's float64 partial sums to all-reduce this step, or None for no reduction. No side
+        effects: calling it twice gives the same sums."""
         return None
 
     def absorb(self, sums: torch.Tensor, step: int) -> None:
@@ -67,6 +94,26 @@ class Method:
 
     def apply(self, decision: torch.Tensor | None, step: int) -> None:
         """Every rank, after the optimizer step: act on the local shards."""
+
+    def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once the optimizer exists (methods that read its live learning rate)."""
+
+    # -- reporting -----------------------------------------------------------------------------------
+    def target_budget(self) -> int | None:
+        """The total rank the method allocates towards (None: no target)."""
+        return None
+
+    def scheduled_budget(self, step: int) -> int | None:
+        """The total rank its schedule prescribes at `step` (None: no schedule)."""
+        return None
+
+    def module_scores(self) -> torch.Tensor | None:
+        """Per-module scores of the last decision (float64, on the CPU), or None."""
+        if self.last_scores is None:
+            return None
+        if self.last_scores.numel() == self.layout.n_modules:
+            return self.last_scores.double().cpu()
+        return self.layout.per_module_sum(self.last_scores.double())
 
     # -- state ---------------------------------------------------------------------------------------
     def ranks(self) -> torch.Tensor:

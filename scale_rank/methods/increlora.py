@@ -1,8 +1,11 @@
 """IncreLoRA: modules start at rank r_start and the best-scoring ones grow until a total target.
 
 Growth unmasks reserved capacity: every module keeps `incre_rank` reserve components whose A and B train
-while lam stays frozen at `reserve_lam` ("advance learning"); a growing module's reserves become trainable
-and fresh reserves are unmasked. Newly trainable components get their own linear warmup.
+while lam stays frozen at `reserve_lam` with no gradient ("advance learning"); a growing module's reserves
+become active (their lam starts training, from fresh optimizer moments) and fresh reserves are unmasked.
+As in the official code, each growth event restarts a linear warmup for the activated lam and for the new
+reserves' A and B; the activated A and B, trained as reserves already, keep their pace. Reserves leave the
+model as soon as growth is over. docs/methods.md has the equations and every choice against paper and code.
 """
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ import torch
 
 from ..config import ConfigError, IncreLoRAConfig
 from ..importance import SensitivityTracker, adapter_params
-from ..inject import Site
 from ..layer import AdaptiveLoRALayer
 from ..schedules import even_interval, restarted_warmup
 from .base import Method, edit_local
@@ -23,17 +25,29 @@ class IncreLoRA(Method):
     decision_per_module = True
     config: IncreLoRAConfig
 
-    def capacity(self, site: Site, n_layers: int) -> int:
-        return self.config.r_max
+    def __init__(self, config: IncreLoRAConfig, total_steps: int | None):
+        super().__init__(config, total_steps)
+        self.incre_rank = config.resolved_incre_rank()
+
+    @classmethod
+    def site_capacity(cls, config: IncreLoRAConfig, layer_index: int, n_layers: int) -> int:
+        return config.r_max
+
+    @classmethod
+    def world_size_error(cls, config: IncreLoRAConfig, world_size: int) -> str | None:
+        if config.score == "dense" and world_size > 1:
+            return ("IncreLoRA score='dense' needs whole adapters on one process; use method.score=component "
+                    "with more than one process")
+        return None
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
         cfg = self.config
-        layer.init_gaussian(0.02)
+        layer.init_svd_form(cfg.init)
         with torch.no_grad():
-            layer.lora_lam.zero_()
-            layer.lora_lam[cfg.r_start:cfg.r_start + cfg.incre_rank] = cfg.reserve_lam
+            layer.lora_lam[cfg.r_start:] = 0.0
+            layer.lora_lam[cfg.r_start:cfg.r_start + self.incre_rank] = cfg.reserve_lam
             layer.active.zero_()
-            layer.active[:cfg.r_start + cfg.incre_rank] = 1.0
+            layer.active[:cfg.r_start + self.incre_rank] = 1.0
         layer.scale.fill_(cfg.alpha / cfg.r_start)
         if cfg.score == "dense":
             layer.collect_dense_grad = True
@@ -42,17 +56,19 @@ class IncreLoRA(Method):
     def bind(self, layers, access, comm) -> None:
         super().bind(layers, access, comm)
         cfg, layout = self.config, self.layout
-        if cfg.score == "dense" and comm.world_size > 1:
-            raise ConfigError("IncreLoRA score='dense' needs whole adapters on one process; use "
-                              "method.score=component with more than one process")
+        error = self.world_size_error(cfg, comm.world_size)
+        if error:
+            raise ConfigError(error)
         self.rank = torch.full((layout.n_modules,), cfg.r_start, dtype=torch.long)
         self.mask = (layout.position < cfg.r_start).float()
         self.reserve = ((layout.position >= cfg.r_start)
-                        & (layout.position < cfg.r_start + cfg.incre_rank)).float()
-        self.activated_at = torch.zeros(layout.n_components, dtype=torch.long)
+                        & (layout.position < cfg.r_start + self.incre_rank)).float()
+        # restarted warmups (0: none): lam from its activation, A and B from becoming a reserve at a growth event
+        self.warm_since = {"lam": torch.zeros(layout.n_components, dtype=torch.long),
+                           "factors": torch.zeros(layout.n_components, dtype=torch.long)}
         self.target_total = cfg.r_target * layout.n_modules
         self.t_init = cfg.t_init if cfg.t_init is not None else round(0.1 * self.total_steps)
-        events = math.ceil((self.target_total - int(self.rank.sum())) / (cfg.top_h * cfg.incre_rank))
+        events = math.ceil((self.target_total - int(self.rank.sum())) / (cfg.top_h * self.incre_rank))
         self.interval = cfg.incre_interval or even_interval(self.t_init, round(0.7 * self.total_steps), events)
         self.warmup = cfg.restart_warmup if cfg.restart_warmup is not None else self.interval
         if cfg.score == "component":
@@ -69,19 +85,34 @@ class IncreLoRA(Method):
         return self.growing and step > self.t_init and (step - self.t_init) % self.interval == 0
 
     # -- statistics ------------------------------------------------------------------------------
+    def target_budget(self) -> int:
+        return self.target_total
+
     def before_step(self, step: int) -> None:
+        if self.reserve.any():
+            self._freeze_reserve_lam_grads()
         self._snapshot = self._snapshot_warming(step)
+        if self.growing:
+            if self.config.score == "dense":
+                self._update_dense_ema()
+            else:
+                self.tracker.update()
+
+    def _freeze_reserve_lam_grads(self) -> None:
+        """Reserve lam gets no gradient, so its optimizer moments are still zero when it is activated."""
+        for layer, reserve in zip(self.layers, self.layout.split(self.reserve)):
+            local = self.access.storage(layer.lora_lam)
+            if local.grad is not None and reserve.any():
+                keep = 1 - reserve.to(local.grad.device, local.grad.dtype)[local.start:local.end]
+                local.grad.mul_(keep)
+                self.access.write(layer.lora_lam, local)
 
     def partial_sums(self, step: int) -> torch.Tensor | None:
-        if not self.growing:
-            for layer in self.layers:
-                layer.collect_dense_grad = False  # growth is over: stop paying for the dense gradient
+        if not self.decides_at(step):
             return None
         if self.config.score == "dense":
-            self._update_dense_ema()
-            return self.dense_ema[0] * self.dense_ema[1] if self.decides_at(step) else None
-        self.tracker.update()
-        return self.tracker.partial_sums() if self.decides_at(step) else None
+            return self.dense_ema[0] * self.dense_ema[1]
+        return self.tracker.partial_sums()
 
     def _update_dense_ema(self) -> None:
         """Module score |dW * dL/d(dW)|.sum() / sqrt(numel), smoothed like the per-entry scores."""
@@ -95,7 +126,8 @@ class IncreLoRA(Method):
         i_bar.lerp_(score, 1 - cfg.beta1)
         u_bar.mul_(cfg.beta2).add_((score - i_bar).abs(), alpha=1 - cfg.beta2)
 
-    def module_scores(self, sums: torch.Tensor) -> torch.Tensor:
+    def scores_from_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """Per-module scores from the reduced sums (component scores summed over active components)."""
         if self.config.score == "dense":
             return sums.cpu()
         return self.layout.per_module_sum(self.tracker.component_scores(sums) * self.mask)
@@ -103,16 +135,16 @@ class IncreLoRA(Method):
     # -- decisions -------------------------------------------------------------------------------
     def decide(self, sums: torch.Tensor | None, step: int) -> torch.Tensor:
         cfg = self.config
-        scores = self.module_scores(sums)
+        scores = self.scores_from_sums(sums)
         self.last_scores = scores
-        eligible = (self.rank + cfg.incre_rank) <= self.layout.capacity
+        eligible = (self.rank + self.incre_rank) <= self.layout.capacity
         order = [k for k in torch.sort(scores, descending=True, stable=True).indices.tolist() if eligible[k]]
         remaining = self.target_total - int(self.rank.sum())
         growth = torch.zeros(self.layout.n_modules)
         for k in order[:cfg.top_h]:
             if remaining <= 0:
                 break
-            growth[k] = min(cfg.incre_rank, remaining)
+            growth[k] = min(self.incre_rank, remaining)
             remaining -= int(growth[k])
         return growth
 
@@ -120,9 +152,12 @@ class IncreLoRA(Method):
         if decision is not None:
             self._grow(decision.long().cpu(), step)
         self._finish_warming(step)
+        if not self.growing:
+            if self.reserve.any():
+                self._drop_reserves()
+            for layer in self.layers:
+                layer.collect_dense_grad = False  # growth is over: stop paying for the dense gradient
         self._reset_reserves()
-        if step == self.total_steps:
-            self._drop_reserves()
 
     def _grow(self, growth: torch.Tensor, step: int) -> None:
         cfg, layout = self.config, self.layout
@@ -130,8 +165,10 @@ class IncreLoRA(Method):
             start, new_rank = int(self.rank[k]), int(self.rank[k] + growth[k])
             base = int(layout.offset[k])
             self.mask[base + start:base + new_rank] = 1.0
-            self.activated_at[base + start:base + new_rank] = step
-            reserve_end = min(new_rank + cfg.incre_rank, int(layout.capacity[k]))
+            self.warm_since["lam"][base + start:base + new_rank] = step
+            reserve_end = min(new_rank + self.incre_rank, int(layout.capacity[k]))
+            fresh = slice(base + max(new_rank, start + self.incre_rank), base + reserve_end)
+            self.warm_since["factors"][fresh] = step
             self.reserve[base:base + int(layout.capacity[k])] = 0.0
             self.reserve[base + new_rank:base + reserve_end] = 1.0
             self.rank[k] = new_rank
@@ -152,24 +189,23 @@ class IncreLoRA(Method):
             edit_local(self.access, layer.lora_lam, freeze)
 
     def _drop_reserves(self) -> None:
-        """At the end of training: reserves leave the model, which then has exactly the allocated ranks."""
+        """When growth is over: reserves leave the model, which then has exactly the allocated ranks (so an
+        export from then on holds no reserve)."""
         for layer, reserve in zip(self.layers, self.layout.split(self.reserve)):
             layer.active.mul_(1 - reserve.to(layer.active.device, layer.active.dtype))
         self.reserve.zero_()
 
     # -- restarted warmup for newly trainable components --------------------------------------------
     def _snapshot_warming(self, step: int) -> dict | None:
-        """Local values before the optimizer step of every module with a component in warmup."""
-        factors = restarted_warmup(step, self.activated_at, self.warmup)
-        modules = torch.unique(self.layout.module_of[factors < 1]).tolist()
-        if not modules:
-            return None
+        """Local values before the optimizer step of every warming parameter (per component and kind)."""
+        factors = {group: restarted_warmup(step, since, self.warmup) for group, since in self.warm_since.items()}
         saved = {}
-        for k in modules:
-            for kind, param in adapter_params(self.layers[k]).items():
-                local = self.access.storage(param)
-                saved[(k, kind)] = (local.values.clone(), local.start, local.end)
-        return {"factors": factors, "saved": saved}
+        for group, kinds in (("lam", ("lam",)), ("factors", ("A", "B"))):
+            for k in torch.unique(self.layout.module_of[factors[group] < 1]).tolist():
+                for kind in kinds:
+                    local = self.access.storage(adapter_params(self.layers[k])[kind])
+                    saved[(k, kind)] = (local.values.clone(), local.start, local.end)
+        return {"factors": factors, "saved": saved} if saved else None
 
     def _finish_warming(self, step: int) -> None:
         """Scale this step's update of warming components: new = old + factor * (new - old)."""
@@ -179,7 +215,7 @@ class IncreLoRA(Method):
         for (k, kind), (old, start, end) in self._snapshot["saved"].items():
             layer = self.layers[k]
             ids = self.layout.component_index(kind, k, start, end, layer.r_max, layer.d_in)
-            factor = factors[ids].to(old.device, old.dtype)
+            factor = factors["lam" if kind == "lam" else "factors"][ids].to(old.device, old.dtype)
 
             def blend(local, old=old, factor=factor):
                 local.values.copy_(old + factor * (local.values - old))
@@ -189,7 +225,7 @@ class IncreLoRA(Method):
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"mask": self.mask.clone(), "rank": self.rank.clone(), "reserve": self.reserve.clone(),
-                 "activated_at": self.activated_at.clone(),
+                 "warm_since": {group: since.clone() for group, since in self.warm_since.items()},
                  "active": [layer.active.clone() for layer in self.layers],
                  "scale": [layer.scale.clone() for layer in self.layers]}
         if self.config.score == "component":
@@ -199,8 +235,9 @@ class IncreLoRA(Method):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("mask", "rank", "reserve", "activated_at"):
+        for key in ("mask", "rank", "reserve"):
             setattr(self, key, state[key].clone())
+        self.warm_since = {group: since.clone() for group, since in state["warm_since"].items()}
         for layer, active, scale in zip(self.layers, state["active"], state["scale"]):
             layer.active.copy_(active)
             layer.scale.copy_(scale)

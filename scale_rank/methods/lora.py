@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from ..config import LoRAConfig
-from ..inject import Site
 from ..layer import AdaptiveLoRALayer
 from .base import Method
 
@@ -11,8 +10,12 @@ class LoRA(Method):
     name = "lora"
     config: LoRAConfig
 
-    def capacity(self, site: Site, n_layers: int) -> int:
-        return self.config.r
+    allocates_ranks = False
+    trains_lam = False
+
+    @classmethod
+    def site_capacity(cls, config: LoRAConfig, layer_index: int, n_layers: int) -> int:
+        return config.r
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
         layer.init_kaiming_zero()

@@ -12,7 +12,6 @@ import math
 import torch
 
 from ..config import PRILoRAConfig
-from ..inject import Site
 from ..layer import AdaptiveLoRALayer
 from .base import Method, edit_local
 
@@ -30,8 +29,11 @@ class PRILoRA(Method):
     name = "prilora"
     config: PRILoRAConfig
 
-    def capacity(self, site: Site, n_layers: int) -> int:
-        return depth_rank(site.layer_index + 1, n_layers, self.config.r_first, self.config.r_last)
+    trains_lam = False
+
+    @classmethod
+    def site_capacity(cls, config: PRILoRAConfig, layer_index: int, n_layers: int) -> int:
+        return depth_rank(layer_index + 1, n_layers, config.r_first, config.r_last)
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
         layer.init_kaiming_zero()
@@ -45,11 +47,14 @@ class PRILoRA(Method):
         self.input_norm = torch.zeros(sum(self.feature_sizes), dtype=torch.float64)
 
     # -- input statistics: one all-reduce of the per-feature squared sums each step ----------------
-    def partial_sums(self, step: int) -> torch.Tensor:
-        sums = torch.cat([layer.input_sq_sum.double() for layer in self.layers])
+    def before_step(self, step: int) -> None:
+        """Take this step's per-feature squared sums out of the layers (which start the next step at 0)."""
+        self._step_sums = torch.cat([layer.input_sq_sum.double() for layer in self.layers])
         for layer in self.layers:
             layer.input_sq_sum.zero_()
-        return sums
+
+    def partial_sums(self, step: int) -> torch.Tensor:
+        return self._step_sums.clone()
 
     def absorb(self, sums: torch.Tensor, step: int) -> None:
         self.input_norm.lerp_(sums.cpu().sqrt(), 1 - self.config.beta)

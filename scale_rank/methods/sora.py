@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from ..config import SoRAConfig
-from ..inject import Site
 from ..layer import AdaptiveLoRALayer
 from ..schedules import staged_linear
 from .base import Method, edit_local
@@ -25,8 +24,9 @@ class SoRA(Method):
     name = "sora"
     config: SoRAConfig
 
-    def capacity(self, site: Site, n_layers: int) -> int:
-        return self.config.r_max
+    @classmethod
+    def site_capacity(cls, config: SoRAConfig, layer_index: int, n_layers: int) -> int:
+        return config.r_max
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
         layer.init_kaiming_zero()
@@ -50,9 +50,11 @@ class SoRA(Method):
                 {"name": GATE_GROUP, "params": gates, "lr": gate_lr, "weight_decay": 0.0}]
 
     def track_optimizer(self, optimizer) -> None:
-        """Read the gate group's current learning rate (for xi_mode 'lr') from `optimizer`."""
-        group = next(g for g in optimizer.param_groups if g.get("name") == GATE_GROUP)
-        self.gate_lr = lambda: group["lr"]
+        """Read the gate group's current learning rate (for xi_mode 'lr') from `optimizer` (one without the
+        gate group, e.g. built by hand, leaves method.gate_lr in charge)."""
+        group = next((g for g in optimizer.param_groups if g.get("name") == GATE_GROUP), None)
+        if group is not None:
+            self.gate_lr = lambda: group["lr"]
 
     def xi(self, step: int) -> float:
         cfg = self.config
@@ -66,16 +68,20 @@ class SoRA(Method):
         return xi * gate_lr
 
     def before_step(self, step: int) -> None:
-        if self.config.l1 > 0:  # gradient of l1 * sum |g|, added to the local gate gradients
+        # xi_mode "lr": the threshold uses the learning rate of the step about to be taken (a scheduler may
+        # step before apply() and would otherwise hand over the next step's rate, 0 at the end of a decay)
+        self._step_xi = self.xi(step)
+        if self.config.l1 > 0:  # gradient of l1 * sum |g| / p_total (the official code's mean over all gates)
+            weight = self.config.l1 / self.layout.n_components
             for layer in self.layers:
                 local = self.access.storage(layer.lora_lam)
                 if local.grad is not None:
-                    local.grad.add_(local.values.sign(), alpha=self.config.l1)
+                    local.grad.add_(local.values.sign(), alpha=weight)
                     self.access.write(layer.lora_lam, local)
 
     def apply(self, decision: torch.Tensor | None, step: int) -> None:
         """Soft-threshold the local gates, then count the non-zero ones (the step's one all-reduce)."""
-        xi = self.xi(step)
+        xi = self._step_xi
         for layer in self.layers:
             edit_local(self.access, layer.lora_lam, lambda local: soft_threshold(local.values, xi))
         gates = torch.cat([self.access.scoring(layer.lora_lam).values for layer in self.layers])

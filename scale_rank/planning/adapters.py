@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import (AdaLoRAConfig, ConfigError, IncreLoRAConfig, LoRAConfig, MethodConfig, PRILoRAConfig,
-                      SoRAConfig)
+from ..config import AdaLoRAConfig, ConfigError, IncreLoRAConfig, MethodConfig, PRILoRAConfig, SoRAConfig
 from ..inject import DEFAULT_TARGETS, _matcher
-from ..methods.prilora import depth_rank
+from ..methods import METHODS, Method
 from .models import LinearShape, ModelGeometry
 
 EMA_BYTES_PER_ENTRY = 12  # SensitivityTracker: i_bar + u_bar (float32) + index (int32) per scored entry
-FROZEN_LAM = (LoRAConfig, PRILoRAConfig)  # lam stays 1 (a parameter without gradient)
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class AdapterPlan:
 
     @property
     def lam_trains(self) -> bool:
-        return not isinstance(self.method, FROZEN_LAM)
+        return method_class(self.method).trains_lam
 
     @property
     def modules(self) -> int:
@@ -73,17 +71,15 @@ def default_targets(model_type: str) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
+def method_class(method: MethodConfig) -> type[Method]:
+    if method.name not in METHODS:
+        raise ConfigError(f"unknown method {method.name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[method.name]
+
+
 def capacity(method: MethodConfig, layer_index: int, n_layers: int) -> int:
-    """r_max of a site, by each method's own rule (PRILoRA: linear in depth, methods/prilora.depth_rank)."""
-    if isinstance(method, PRILoRAConfig):
-        return depth_rank(layer_index + 1, n_layers, method.r_first, method.r_last)
-    if isinstance(method, LoRAConfig):
-        return method.r
-    if isinstance(method, AdaLoRAConfig):
-        return method.r_init
-    if isinstance(method, (SoRAConfig, IncreLoRAConfig)):
-        return method.r_max
-    raise ConfigError(f"no capacity rule for method {method.name!r}")
+    """r_max of a site, by the method's own rule (Method.site_capacity)."""
+    return method_class(method).site_capacity(method, layer_index, n_layers)
 
 
 def plan_adapters(geometry: ModelGeometry, method: MethodConfig,

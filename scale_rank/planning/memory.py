@@ -37,8 +37,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from ..config import ConfigError, IncreLoRAConfig
-from .adapters import AdapterPlan, adapter_buffer_bytes, method_state_bytes
+from ..config import ConfigError
+from .adapters import AdapterPlan, adapter_buffer_bytes, method_class, method_state_bytes
 from .models import ATTENTION_OUTPUT, ModelGeometry
 
 ENGINES = ("ddp", "zero2", "zero3", "fsdp1", "fsdp2")
@@ -286,9 +286,9 @@ def memory_breakdown(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInp
     """Every item of one GPU's memory for `inputs` (validated)."""
     inputs.validate(geometry.spec.max_positions)
     method = plan.method
-    if isinstance(method, IncreLoRAConfig) and method.score == "dense" and inputs.gpus > 1:
-        raise ConfigError("IncreLoRA score='dense' needs whole adapters on one process; use "
-                          "-o method.score=component with more than one GPU")
+    error = method_class(method).world_size_error(method, inputs.gpus)
+    if error:
+        raise ConfigError(error)
     params, grads, optim = adapter_state_bytes(plan, inputs)
     acts = activations(geometry, plan, inputs)
     return MemoryBreakdown(

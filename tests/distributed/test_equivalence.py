@@ -91,6 +91,10 @@ def decoder_dir(tmp_path_factory):
 def test_causal_lm_with_gradient_checkpointing_matches_one_process(engine, model_dir, decoder_dir, tmp_path):
     """A Llama-style decoder on chat data, blocks recomputed in backward (non-reentrant): same decisions
     as 1 process, so PRILoRA's input statistics and AdaLoRA's scores are not counted twice on recompute."""
-    check_engine(engine, "none", ["adalora", "prilora"], model_dir, tmp_path,
-                 (f"model.name_or_path={decoder_dir}", "data.task=synthetic_chat", "data.max_length=48",
-                  "train.gradient_checkpointing=true"), loss_atol=LM_LOSS_ATOL)
+    lm = (f"model.name_or_path={decoder_dir}", "data.task=synthetic_chat", "data.max_length=48",
+          "train.gradient_checkpointing=true")
+    check_engine(engine, "none", ["prilora"], model_dir, tmp_path, lm, loss_atol=LM_LOSS_ATOL)
+    # AdaLoRA with the papers' start: with the default (B = 0) the first decisions on this random decoder rest
+    # on near-tied B sensitivities, which ZeRO-3's loss drift here (LM_LOSS_ATOL) can flip
+    check_engine(engine, "none", ["adalora"], model_dir, tmp_path, (*lm, "method.init=paper"),
+                 loss_atol=LM_LOSS_ATOL)
