@@ -59,7 +59,7 @@ ALL_METHODS = SCALE_RANK_METHODS + PEFT_METHODS
 LABELS = {"lora": "LoRA", "adalora": "AdaLoRA", "sora": "SoRA", "increlora": "IncreLoRA", "prilora": "PRILoRA",
           "peft_lora": "PEFT LoRA", "peft_adalora": "PEFT AdaLoRA"}
 RECIPES = Path(HERE).parent / "configs" / "glue"
-DATA_DIR = os.environ.get("SCALE_RANK_GLUE_DIR", "/work/shared/data/glue")
+DATA_DIR = os.environ.get("SCALE_RANK_GLUE_DIR")  # a glue_data folder (--data-dir); without one: the hub
 EVAL_BATCH = 64
 PEFT_ADAPTER = "default"
 

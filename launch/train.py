@@ -5,7 +5,7 @@
     accelerate launch --config_file launch/accelerate/fsdp2.yaml launch/train.py --config ...
     deepspeed launch/train.py --deepspeed ds_configs/zero3.json --config ...
 
-The engine is built by scale_rank itself from the config or the launcher's environment (DESIGN.md).
+The engine is built by scale_rank itself from the config or the launcher's environment (docs/design.md).
 """
 import sys
 from pathlib import Path

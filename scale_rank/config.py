@@ -19,7 +19,8 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Methods. Every constant of METHODS.md is a field here with the paper's value as default.
+# Methods. Every constant of docs/methods.md is a field here; defaults are the papers' values, except the
+# start of AdaLoRA / IncreLoRA (init, docs/methods.md "The stall").
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ Where the controller's calls go (transformers 5.x `Trainer._run_epoch`, once per
     lr_scheduler.step(); model.zero_grad(); on_step_end
 
 So statistics see the clipped, unscaled, accumulated gradients of each optimizer step exactly once, and
-decisions act after the optimizer step and before zero_grad (DESIGN.md, contract 6).
+decisions act after the optimizer step and before zero_grad (docs/design.md, contract 6).
 
 Gradient accumulation: the regularizer's gradient rides on every micro-batch's layer outputs, so at train
 begin the controller gets `set_grad_scale(1 / gradient_accumulation_steps)` (times the fp16 loss scale,

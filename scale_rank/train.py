@@ -1,7 +1,7 @@
 """One training loop for every engine: data order, micro-batches, the controller's two calls, evaluation,
 atomic checkpoints, the final adapter state and its PEFT export.
 
-Order in an optimizer step (DESIGN.md): backward (all micro-batches) -> controller.observe() -> optimizer
+Order in an optimizer step (docs/design.md): backward (all micro-batches) -> controller.observe() -> optimizer
 step -> controller.apply() -> zero_grad. Under DeepSpeed the engine's step is that optimizer step.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """AdaLoRA: budget schedule, sensitivity scores, global top-k, lam masking, config checks.
 
-Every expected value is computed here from METHODS.md's formulas (exact fractions, per-module loops),
+Every expected value is computed here from docs/methods.md's formulas (exact fractions, per-module loops),
 never read back from the library.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ N_MODULES = 12  # 2 layers x 6 matrices of the tiny BERT
 
 
 def reference_budget(t: int, T: int, b0: int, bT: int, t_init: int, t_final: int) -> int:
-    """b(t) of METHODS.md in exact arithmetic (int() of a positive number is its floor)."""
+    """b(t) of docs/methods.md in exact arithmetic (int() of a positive number is its floor)."""
     if t <= t_init:
         return b0
     if t > T - t_final:
@@ -89,7 +89,7 @@ def test_component_scores_match_per_entry_reference():
     """S_ki = s(lam_i) + mean_j s(A_ij) + mean_j s(B_ji), EMAs recomputed entry by entry.
 
     The reference scores each step with the weights and gradients present after backward, before the
-    optimizer step: that is when the controller observes (DESIGN.md's binding order). METHODS.md says
+    optimizer step: that is when the controller observes (docs/design.md's binding order). docs/methods.md says
     AdaLoRA's code scores after the optimizer step (post-step weights, same gradient); the two differ by
     one optimizer update of w in I = |w * g|. This test pins the implemented (pre-step) reading.
     """

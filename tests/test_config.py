@@ -228,7 +228,7 @@ def test_yaml_and_overrides_give_typed_config(tmp_path):
     assert cfg.method.r_max == 4 and cfg.method.xi == 1e-3 and isinstance(cfg.method.xi, float)  # YAML "1e-3"
     assert cfg.method.xi_end == 0.01 and cfg.train.lr == 5e-4 and cfg.train.batch_size == 16
     assert cfg.model.targets == ["query", "value"]
-    # the method can be switched by an override; its defaults then come from METHODS.md
+    # the method can be switched by an override; its defaults then come from docs/methods.md
     cfg = load_config(overrides=["method.name=prilora", "method.prune_ratio=0.25"])
     assert isinstance(cfg.method, PRILoRAConfig)
     assert (cfg.method.r_first, cfg.method.r_last, cfg.method.prune_interval, cfg.method.beta) == (4, 12, 100, 0.9)

@@ -1,6 +1,7 @@
 """GLUE loading (glue_data TSV layouts and hub conversion), label mapping, metrics and input errors."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from scale_rank.config import ConfigError, DataConfig
 from scale_rank.data import glue
 from scale_rank.data.tasks import build_task
 
-REAL_GLUE = Path("/work/shared/data/glue")
+REAL_GLUE = Path(os.environ.get("SCALE_RANK_GLUE_DIR", "/nonexistent"))  # a glue_data copy, if you have one
 
 
 @pytest.fixture(scope="module")

@@ -140,3 +140,42 @@ def test_resumed_run_makes_the_same_decisions(name, tmp_path):
     for key in sa:
         torch.testing.assert_close(ra[key], sa[key], rtol=1e-6, atol=1e-8, msg=key)
     assert_same_state(resumed.controller.state_dict(), straight.controller.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# the method contract
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", METHODS)
+def test_partial_sums_have_no_side_effects(name):
+    """The controller may ask for a step's sums more than once: the same answer, and the run unchanged."""
+    run = Run(name, **METHOD_OPTIONS[name])
+    reference = Run(name, **METHOD_OPTIONS[name])
+    original = run.method.partial_sums
+    asked = []
+
+    def twice(step):
+        first, second = original(step), original(step)
+        assert (first is None) == (second is None)
+        if first is not None:
+            torch.testing.assert_close(first, second, rtol=0, atol=0)
+            asked.append(step)
+        return first
+
+    run.method.partial_sums = twice
+    run.train(fixed_batches(), T)
+    reference.train(fixed_batches(), T)
+    assert [h["ranks"] for h in run.controller.history] == [h["ranks"] for h in reference.controller.history]
+    assert name in ("lora", "sora") or asked  # SoRA reduces its gate counts in apply()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_capacity_rule_is_the_planners(name):
+    """The planner asks the method class for each site's capacity: equal to what adapt() attaches."""
+    from scale_rank.planning.adapters import capacity
+    run = Run(name, **METHOD_OPTIONS[name])
+    n_layers = 1 + max(layer.layer_index for layer in run.layers)
+    for layer in run.layers:
+        assert capacity(run.method.config, layer.layer_index, n_layers) == layer.r_max
+    assert run.method.allocates_ranks == (name != "lora")
+    assert run.method.trains_lam == (name not in ("lora", "prilora"))

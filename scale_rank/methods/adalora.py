@@ -1,4 +1,7 @@
-"""AdaLoRA: SVD-form adapters, sensitivity scores, a cubic global budget, lam zeroed in place."""
+"""AdaLoRA: SVD-form adapters, sensitivity scores, a cubic global budget, lam zeroed in place.
+
+Equations, defaults and every choice between the paper and its official code: docs/methods.md.
+"""
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Pruning zeroes, in every row of A, the entries whose importance is at or below t
 (k = floor(prune_ratio * d_in)); exact ties at the cut are pruned together. The k-th smallest is found by
 bisection on the float bit patterns with one all-reduce of per-row counts per round, so no rank ever
 gathers a row and every sharding finds the same threshold.
+Equations, defaults and every choice between the paper and its code: docs/methods.md.
 """
 from __future__ import annotations
 

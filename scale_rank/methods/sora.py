@@ -2,6 +2,7 @@
 
 The rank of a module is its number of non-zero gates; it emerges from the proximal steps (no decision on
 rank 0 is needed: every rank applies the same elementwise operator to its own shard).
+Equations, defaults and every choice between the paper and its code: docs/methods.md.
 """
 from __future__ import annotations
 

@@ -1,0 +1,200 @@
+"""Aten operations dispatched per optimizer step, per method, at two depths: the per-module cost of each method.
+
+    python bench/op_count.py                 # 4 and 8 layers (24 / 48 adapted modules), every method
+    python bench/op_count.py --json ops.json
+
+A random BERT (hidden 128, 4 heads, intermediate 512; no download), adapters on the six matrices of every
+layer, batch 8 x 32 tokens, one process, AdamW. One optimizer step = forward, backward, observe, optimizer
+step, apply, zero_grad (PEFT: update_and_allocate instead of observe/apply). Counted with a TorchDispatchMode
+(every `__torch_dispatch__` call), over `--steps` consecutive steps after `--warmup` uncounted ones, with
+settings that make every adaptive method decide on some of the counted steps; the table gives the mean per
+step. Deterministic: the same numbers on every machine with the same torch and transformers.
+
+"extra ops per module" = (ops at 48 modules - ops at 24) / 24 - the same for our LoRA (PEFT AdaLoRA: minus
+PEFT LoRA's), the cost a method adds per adapted module. "host reads" counts `_local_scalar_dense` (a device
+sync each on a GPU) inside observe + apply, on steps without and with a decision.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import scale_rank as sr  # noqa: E402
+from scale_rank.inject import adapter_layers, default_targets, find_sites  # noqa: E402
+
+SCALE_RANK = ("lora", "adalora", "sora", "increlora", "prilora")
+PEFT = ("peft_lora", "peft_adalora")
+HIDDEN, HEADS, INTERMEDIATE, VOCAB, BATCH, TOKENS, RANK = 128, 4, 512, 1000, 8, 32, 8
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten calls while active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class Count:
+    ops_per_step: float
+    host_reads_plain: float | None  # mean per step in observe + apply, steps without a decision
+    host_reads_deciding: float | None
+
+
+def tiny_bert(layers: int):
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
+                        intermediate_size=INTERMEDIATE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def method_options(name: str, total_steps: int) -> dict:
+    """Settings under which the method decides on some of the counted steps (capacity 8 per module)."""
+    return {"lora": {"r": RANK},
+            "adalora": {"r_init": RANK, "r_target": RANK // 2, "t_init": 1, "t_final": 1, "delta_t": 2},
+            "sora": {"r_max": RANK},
+            "increlora": {"r_max": RANK, "r_target": RANK // 2, "t_init": 1, "incre_interval": 2},
+            "prilora": {"r_first": RANK // 2, "r_last": RANK + RANK // 2, "prune_interval": 2}}[name]
+
+
+def batch() -> dict:
+    gen = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(0, VOCAB, (BATCH, TOKENS), generator=gen),
+            "labels": torch.randint(0, 2, (BATCH,), generator=gen)}
+
+
+def count_scale_rank(name: str, layers: int, warmup: int, steps: int) -> Count:
+    model = tiny_bert(layers)
+    total = warmup + steps + 2
+    method = sr.adapt(model, name, total_steps=total, **method_options(name, total))
+    controller = sr.RankController(model, method)
+    optimizer = torch.optim.AdamW(method.optimizer_groups(controller.layers, 1e-3, 0.0)
+                                  + [{"params": [p for n, p in model.named_parameters()
+                                                 if p.requires_grad and "lora_" not in n]}], lr=1e-3)
+    method.track_optimizer(optimizer)
+    data = batch()
+    counter, reads = OpCounter(), {True: [], False: []}
+    for step in range(1, warmup + steps + 1):
+        counting = step > warmup
+        controller_ops = OpCounter()  # observe and apply only (nested: the step's counter sees them too)
+        with counter if counting else _nothing():
+            model(**data).loss.backward()
+            deciding = method.decides_at(step)
+            with controller_ops:
+                controller.observe()
+            optimizer.step()
+            with controller_ops:
+                controller.apply()
+            optimizer.zero_grad(set_to_none=True)
+        if counting:
+            reads[deciding].append(controller_ops.ops["_local_scalar_dense"])
+    return Count(sum(counter.ops.values()) / steps, _mean(reads[False]), _mean(reads[True]))
+
+
+def count_peft(name: str, layers: int, warmup: int, steps: int) -> Count:
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+    model = tiny_bert(layers)
+    names = [site.name for site in find_sites(model, default_targets(model))]
+    targets = "^(?:" + "|".join(n.replace(".", r"\.") for n in names) + ")$"
+    total = warmup + steps + 2
+    if name == "peft_lora":
+        config = LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=16, target_modules=targets)
+    else:
+        config = AdaLoraConfig(task_type="SEQ_CLS", init_r=RANK, target_r=RANK // 2, tinit=1, tfinal=1, deltaT=2,
+                               total_step=total, lora_alpha=32, target_modules=targets)
+    model = get_peft_model(model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    data = batch()
+    counter = OpCounter()
+    for step in range(1, warmup + steps + 1):
+        with counter if step > warmup else _nothing():
+            model(**data).loss.backward()
+            optimizer.step()
+            if name == "peft_adalora":
+                model.base_model.update_and_allocate(step)
+            optimizer.zero_grad(set_to_none=True)
+    return Count(sum(counter.ops.values()) / steps, None, None)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def measure(depths: tuple[int, int], warmup: int, steps: int, methods: list[str]) -> dict[str, dict[int, Count]]:
+    out = {}
+    for name in methods:
+        count = count_peft if name in PEFT else count_scale_rank
+        out[name] = {layers: count(name, layers, warmup, steps) for layers in depths}
+    return out
+
+
+def table(counts: dict[str, dict[int, Count]], depths: tuple[int, int]) -> tuple[str, dict]:
+    shallow, deep = depths
+    modules = {d: 6 * d for d in depths}
+    per_module = {name: (c[deep].ops_per_step - c[shallow].ops_per_step) / (modules[deep] - modules[shallow])
+                  for name, c in counts.items()}
+    rows, summary = [], {}
+    header = (f"| method | ops/step, {modules[shallow]} modules | ops/step, {modules[deep]} modules | ops per module "
+              "| extra ops per module vs LoRA | host reads in observe+apply (no decision / deciding) |")
+    rows += [header, "|---|---:|---:|---:|---:|---|"]
+    for name, c in counts.items():
+        baseline = "peft_lora" if name == "peft_adalora" else ("lora" if name in SCALE_RANK else None)
+        extra = per_module[name] - per_module[baseline] if baseline in per_module and name != baseline else None
+        reads = "-" if name in PEFT else f"{_fmt(c[deep].host_reads_plain)} / {_fmt(c[deep].host_reads_deciding)}"
+        rows.append(f"| {name} | {c[shallow].ops_per_step:,.0f} | {c[deep].ops_per_step:,.0f} | "
+                    f"{per_module[name]:.1f} | {'-' if extra is None else f'{extra:.1f}'} | {reads} |")
+        summary[name] = {"ops_per_step": {modules[d]: c[d].ops_per_step for d in depths},
+                         "ops_per_module": per_module[name], "extra_ops_per_module": extra,
+                         "host_reads": {modules[d]: [c[d].host_reads_plain, c[d].host_reads_deciding]
+                                        for d in depths}}
+    return "\n".join(rows), summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depths", default="4,8", help="two layer counts (6 adapted modules per layer)")
+    parser.add_argument("--methods", default=",".join(SCALE_RANK + PEFT))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    depths = tuple(int(d) for d in args.depths.split(","))
+    counts = measure(depths, args.warmup, args.steps, args.methods.split(","))
+    text, summary = table(counts, depths)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(summary, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""bench/op_count.py: deterministic op counts that grow with the number of adapted modules."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "op_count.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("op_count", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_counts_are_deterministic_and_per_module(bench):
+    methods = ["lora", "adalora", "increlora", "peft_lora"]
+    first = bench.measure((1, 2), warmup=1, steps=2, methods=methods)
+    second = bench.measure((1, 2), warmup=1, steps=2, methods=methods)
+    assert {m: {d: c.ops_per_step for d, c in v.items()} for m, v in first.items()} == \
+        {m: {d: c.ops_per_step for d, c in v.items()} for m, v in second.items()}
+    text, summary = bench.table(first, (1, 2))
+    assert all(summary[m]["ops_per_step"][12] > summary[m]["ops_per_step"][6] for m in methods)
+    assert summary["lora"]["extra_ops_per_module"] is None
+    assert summary["adalora"]["extra_ops_per_module"] > 0  # statistics and regularizer cost per module
+    assert "| peft_lora |" in text
