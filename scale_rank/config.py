@@ -264,7 +264,7 @@ ENGINES = ("auto", "single", "ddp", "fsdp2", "fsdp1", "deepspeed")
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/demo"
-    lr: float = 3e-3  # the embedded demo's value (MiniLM, generated task); recipes set their own
+    lr: float = 1e-3  # the embedded demo's value (MiniLM, generated task); recipes set their own
     weight_decay: float = 0.0
     batch_size: int = 32  # global examples per optimizer step (all ranks, all micro-batches)
     grad_accum: int = 1
