@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -49,7 +48,7 @@ from scale_rank.config import DataConfig, MethodConfig, load_config  # noqa: E40
 from scale_rank.data import glue  # noqa: E402
 from scale_rank.data.tasks import TaskData, batch_indices, build_task, padded_length, select  # noqa: E402
 from scale_rank.engine import lr_schedule  # noqa: E402
-from scale_rank.inject import adapter_layers, default_targets, find_sites  # noqa: E402
+from scale_rank.inject import adapter_layers, default_targets, exact_names_regex  # noqa: E402
 from scale_rank.model import load_classifier, resolve_model_path  # noqa: E402
 from scale_rank.train import resolve_total_steps  # noqa: E402
 
@@ -275,12 +274,6 @@ def peft_config(name: str, cfg: MethodConfig, steps: int, targets: str):
                          target_modules=targets)
 
 
-def target_regex(model: nn.Module) -> str:
-    """A regex matching exactly the module names scale_rank adapts by default (PEFT's target_modules)."""
-    names = [site.name for site in find_sites(model, default_targets(model))]
-    return "^(?:" + "|".join(re.escape(name) for name in names) + ")$"
-
-
 def peft_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A (r x d_in), B (d_out x r) and AdaLoRA's E (r) of a PEFT layer (E None for LoRA)."""
     A, B = module.lora_A[PEFT_ADAPTER], module.lora_B[PEFT_ADAPTER]
@@ -315,7 +308,7 @@ def build_peft_run(name: str, base: nn.Module, plan: TaskPlan, rank: int, seed: 
     from peft import get_peft_model
     cfg = method_settings(name.removeprefix("peft_"), plan, rank)
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), peft_config(name, cfg, plan.steps, target_regex(base)))
+    model = get_peft_model(copy.deepcopy(base), peft_config(name, cfg, plan.steps, exact_names_regex(base)))
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule([{"params": params, "weight_decay": plan.weight_decay}], plan)

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import scale_rank as sr  # noqa: E402
-from scale_rank.inject import adapter_layers, default_targets, find_sites  # noqa: E402
+from scale_rank.inject import exact_names_regex  # noqa: E402
 
 SCALE_RANK = ("lora", "adalora", "sora", "increlora", "prilora")
 PEFT = ("peft_lora", "peft_adalora")
@@ -93,7 +94,7 @@ def count_scale_rank(name: str, layers: int, warmup: int, steps: int) -> Count:
     for step in range(1, warmup + steps + 1):
         counting = step > warmup
         controller_ops = OpCounter()  # observe and apply only (nested: the step's counter sees them too)
-        with counter if counting else _nothing():
+        with counter if counting else nullcontext():
             model(**data).loss.backward()
             deciding = method.decides_at(step)
             with controller_ops:
@@ -110,8 +111,7 @@ def count_scale_rank(name: str, layers: int, warmup: int, steps: int) -> Count:
 def count_peft(name: str, layers: int, warmup: int, steps: int) -> Count:
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
     model = tiny_bert(layers)
-    names = [site.name for site in find_sites(model, default_targets(model))]
-    targets = "^(?:" + "|".join(n.replace(".", r"\.") for n in names) + ")$"
+    targets = exact_names_regex(model)
     total = warmup + steps + 2
     if name == "peft_lora":
         config = LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=16, target_modules=targets)
@@ -123,21 +123,13 @@ def count_peft(name: str, layers: int, warmup: int, steps: int) -> Count:
     data = batch()
     counter = OpCounter()
     for step in range(1, warmup + steps + 1):
-        with counter if step > warmup else _nothing():
+        with counter if step > warmup else nullcontext():
             model(**data).loss.backward()
             optimizer.step()
             if name == "peft_adalora":
                 model.base_model.update_and_allocate(step)
             optimizer.zero_grad(set_to_none=True)
     return Count(sum(counter.ops.values()) / steps, None, None)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fmt(value: float | None) -> str:

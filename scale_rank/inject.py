@@ -48,6 +48,12 @@ def default_targets(model: nn.Module) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
+def exact_names_regex(model: nn.Module, targets: list[str] | str | None = None) -> str:
+    """A regex matching exactly the module names `targets` selects (e.g. PEFT's target_modules)."""
+    names = [site.name for site in find_sites(model, targets)]
+    return "^(?:" + "|".join(re.escape(name) for name in names) + ")$"
+
+
 def find_sites(model: nn.Module, targets: list[str] | str | None = None) -> list[Site]:
     """Modules whose names match `targets`: a list of suffixes, or one regex matched against full names."""
     targets = default_targets(model) if targets is None else targets

@@ -70,7 +70,7 @@ def test_method_budget_and_decision_steps():
     method = run.method
     b0, bT = 4 * N_MODULES, 2 * N_MODULES
     for t in range(T + 2):
-        assert method.budget(t) == reference_budget(t, T, b0, bT, ti, tf)
+        assert method.scheduled_budget(t) == reference_budget(t, T, b0, bT, ti, tf)
     # re-masking when t % delta_t == 0 inside (t_init, T - t_final], and once at T - t_final itself
     expected = {t for t in range(ti + 1, T - tf + 1) if t % dt == 0} | {T - tf}
     assert {t for t in range(T + 2) if method.decides_at(t)} == expected
@@ -208,18 +208,16 @@ def test_orthogonality_regularizer_matches_peft_value_and_gradient():
     """The regularizer is gamma times the mean norm over all A and B matrices (2 per module), as in AdaLoRA's
     code and PEFT: same value and same gradient as PEFT's AdaLoRA on the same weights. (Our former form
     divided by the number of modules only, twice as strong: this test fails on it.)"""
-    import re
     from peft import AdaLoraConfig, get_peft_model
-    from scale_rank.inject import find_sites
+    from scale_rank.inject import exact_names_regex
 
     gamma, r = 0.3, 4
     ids, labels = fixed_batches()[0]
     torch.manual_seed(0)
-    names = [site.name for site in find_sites(tiny_bert())]
     peft_model = get_peft_model(tiny_bert(), AdaLoraConfig(
         task_type="SEQ_CLS", init_r=r, target_r=2, tinit=1, tfinal=1, total_step=10, orth_reg_weight=gamma,
         lora_alpha=8,
-        target_modules="^(?:" + "|".join(map(re.escape, names)) + ")$"))
+        target_modules=exact_names_regex(tiny_bert())))
     run = Run("adalora", total_steps=10, r_init=r, r_target=2, t_init=1, t_final=1, gamma=gamma)
     peft_base = peft_model.get_base_model()
     with torch.no_grad():  # non-trivial factors; lam = E = 0 leaves the regularizer as A's and B's only gradient

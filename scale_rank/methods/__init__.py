@@ -12,11 +12,17 @@ from .sora import SoRA
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA, AdaLoRA, SoRA, IncreLoRA, PRILoRA)}
 
 
+def method_class(name: str) -> type[Method]:
+    """The Method class registered as `name` (a clear error for an unknown one)."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
 def build_method(config: MethodConfig, total_steps: int | None) -> Method:
-    if config.name not in METHODS:
-        raise ConfigError(f"unknown method {config.name!r}; choose one of {sorted(METHODS)}")
+    cls = method_class(config.name)
     config.validate(total_steps)
-    return METHODS[config.name](config, total_steps)
+    return cls(config, total_steps)
 
 
-__all__ = ["METHODS", "Method", "build_method", "LoRA", "AdaLoRA", "SoRA", "IncreLoRA", "PRILoRA"]
+__all__ = ["METHODS", "Method", "build_method", "method_class", "LoRA", "AdaLoRA", "SoRA", "IncreLoRA", "PRILoRA"]

@@ -46,7 +46,7 @@ class AdaLoRA(Method):
     def final_phase_start(self) -> int:
         return self.total_steps - self.t_final
 
-    def budget(self, step: int) -> int:
+    def scheduled_budget(self, step: int) -> int:
         return cubic_budget(step, self.total_steps, self.b0, self.b_target, self.t_init, self.t_final)
 
     def decides_at(self, step: int) -> bool:
@@ -55,9 +55,6 @@ class AdaLoRA(Method):
 
     def target_budget(self) -> int:
         return self.b_target
-
-    def scheduled_budget(self, step: int) -> int:
-        return self.budget(step)
 
     def before_step(self, step: int) -> None:
         if step <= self.final_phase_start:  # scores are frozen in the final phase
@@ -68,7 +65,7 @@ class AdaLoRA(Method):
 
     def decide(self, sums: torch.Tensor | None, step: int) -> torch.Tensor:
         self.last_scores = self.tracker.component_scores(sums)
-        return keep_top(self.last_scores, self.budget(step))
+        return keep_top(self.last_scores, self.scheduled_budget(step))
 
     def apply(self, decision: torch.Tensor | None, step: int) -> None:
         if decision is not None:

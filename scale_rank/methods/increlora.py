@@ -20,6 +20,10 @@ from ..schedules import even_interval, restarted_warmup
 from .base import Method, edit_local
 
 
+# which restarted warmup each adapter tensor follows: lam from its activation, A and B from becoming a reserve
+WARM_GROUP = {"lam": "lam", "A": "factors", "B": "factors"}
+
+
 class IncreLoRA(Method):
     name = "increlora"
     decision_per_module = True
@@ -199,12 +203,12 @@ class IncreLoRA(Method):
     def _snapshot_warming(self, step: int) -> dict | None:
         """Local values before the optimizer step of every warming parameter (per component and kind)."""
         factors = {group: restarted_warmup(step, since, self.warmup) for group, since in self.warm_since.items()}
+        warming = {group: torch.unique(self.layout.module_of[f < 1]).tolist() for group, f in factors.items()}
         saved = {}
-        for group, kinds in (("lam", ("lam",)), ("factors", ("A", "B"))):
-            for k in torch.unique(self.layout.module_of[factors[group] < 1]).tolist():
-                for kind in kinds:
-                    local = self.access.storage(adapter_params(self.layers[k])[kind])
-                    saved[(k, kind)] = (local.values.clone(), local.start, local.end)
+        for kind, group in WARM_GROUP.items():
+            for k in warming[group]:
+                local = self.access.storage(adapter_params(self.layers[k])[kind])
+                saved[(k, kind)] = (local.values.clone(), local.start, local.end)
         return {"factors": factors, "saved": saved} if saved else None
 
     def _finish_warming(self, step: int) -> None:
@@ -215,7 +219,7 @@ class IncreLoRA(Method):
         for (k, kind), (old, start, end) in self._snapshot["saved"].items():
             layer = self.layers[k]
             ids = self.layout.component_index(kind, k, start, end, layer.r_max, layer.d_in)
-            factor = factors["lam" if kind == "lam" else "factors"][ids].to(old.device, old.dtype)
+            factor = factors[WARM_GROUP[kind]][ids].to(old.device, old.dtype)
 
             def blend(local, old=old, factor=factor):
                 local.values.copy_(old + factor * (local.values - old))

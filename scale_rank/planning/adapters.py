@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..config import AdaLoRAConfig, ConfigError, IncreLoRAConfig, MethodConfig, PRILoRAConfig, SoRAConfig
 from ..inject import DEFAULT_TARGETS, _matcher
-from ..methods import METHODS, Method
+from ..methods import method_class
 from .models import LinearShape, ModelGeometry
 
 EMA_BYTES_PER_ENTRY = 12  # SensitivityTracker: i_bar + u_bar (float32) + index (int32) per scored entry
@@ -39,7 +39,7 @@ class AdapterPlan:
 
     @property
     def lam_trains(self) -> bool:
-        return method_class(self.method).trains_lam
+        return method_class(self.method.name).trains_lam
 
     @property
     def modules(self) -> int:
@@ -71,15 +71,9 @@ def default_targets(model_type: str) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
-def method_class(method: MethodConfig) -> type[Method]:
-    if method.name not in METHODS:
-        raise ConfigError(f"unknown method {method.name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[method.name]
-
-
 def capacity(method: MethodConfig, layer_index: int, n_layers: int) -> int:
     """r_max of a site, by the method's own rule (Method.site_capacity)."""
-    return method_class(method).site_capacity(method, layer_index, n_layers)
+    return method_class(method.name).site_capacity(method, layer_index, n_layers)
 
 
 def plan_adapters(geometry: ModelGeometry, method: MethodConfig,

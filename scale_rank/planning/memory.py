@@ -38,7 +38,8 @@ import math
 from dataclasses import dataclass, fields
 
 from ..config import ConfigError
-from .adapters import AdapterPlan, adapter_buffer_bytes, method_class, method_state_bytes
+from ..methods import method_class
+from .adapters import AdapterPlan, adapter_buffer_bytes, method_state_bytes
 from .models import ATTENTION_OUTPUT, ModelGeometry
 
 ENGINES = ("ddp", "zero2", "zero3", "fsdp1", "fsdp2")
@@ -286,7 +287,7 @@ def memory_breakdown(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInp
     """Every item of one GPU's memory for `inputs` (validated)."""
     inputs.validate(geometry.spec.max_positions)
     method = plan.method
-    error = method_class(method).world_size_error(method, inputs.gpus)
+    error = method_class(method.name).world_size_error(method, inputs.gpus)
     if error:
         raise ConfigError(error)
     params, grads, optim = adapter_state_bytes(plan, inputs)
