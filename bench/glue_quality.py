@@ -101,6 +101,7 @@ class Options:
     steps: int | None = None
     batch_size: int | None = None
     max_length: int | None = None
+    lr: float | None = None
     eval_every: int | None = None  # 0: evaluate at the end only
     rank: int = 8
     model: str = "minilm"
@@ -175,7 +176,7 @@ def make_plan(task: str, opts: Options, train_size: int) -> TaskPlan:
                   weight_decay=base.train.weight_decay)
     if opts.profile in SHORT_PROFILES:
         shape = short_shape(task, opts.profile)
-        common["lr"] = shape.lr or base.train.lr
+        common["lr"] = opts.lr or shape.lr or base.train.lr
         steps = opts.steps or shape.steps
         tenth = round(0.1 * steps)
         schedule = {"adalora": {"t_init": tenth, "t_final": round(0.3 * steps), "delta_t": 1},
@@ -193,7 +194,7 @@ def make_plan(task: str, opts: Options, train_size: int) -> TaskPlan:
         schedule[name] = {key: _scaled(getattr(method, key), factor, key in AT_LEAST_ONE)
                           for key in STEP_FIELDS if getattr(method, key, None) is not None}
     eval_every = opts.eval_every if opts.eval_every is not None else _scaled(base.train.eval_every, factor, True)
-    return TaskPlan(**common, lr=base.train.lr, steps=steps, batch_size=base.train.batch_size,
+    return TaskPlan(**common, lr=opts.lr or base.train.lr, steps=steps, batch_size=base.train.batch_size,
                     warmup=_scaled(base.train.warmup_steps, factor, False), eval_every=eval_every,
                     schedule=schedule)
 
@@ -606,6 +607,7 @@ def parse_args(argv=None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the profile's)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-length", type=int)
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the profile's, else the recipe's)")
     parser.add_argument("--eval-every", type=int, help="0: dev evaluation at the end only (quick's default)")
     parser.add_argument("--rank", type=int, default=8, help="base rank r of the matched budgets")
     parser.add_argument("--model", default="minilm", help="'minilm' (offline package), hub name or directory")
@@ -618,7 +620,7 @@ def parse_args(argv=None) -> tuple[Options, argparse.Namespace]:
     opts = Options(profile=args.profile, tasks=_split(args.tasks) if args.tasks else None,
                    methods=_split(args.methods) if args.methods else None, seeds=[int(s) for s in _split(args.seeds)] if args.seeds else None,
                    steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                   eval_every=args.eval_every, rank=args.rank, model=args.model, data_dir=args.data_dir or None,
+                   lr=args.lr, eval_every=args.eval_every, rank=args.rank, model=args.model, data_dir=args.data_dir or None,
                    device=args.device)
     return opts, args
 

@@ -1,6 +1,7 @@
 """Atomic checkpoints: everything is written into a temporary directory, then renamed into place.
 
-A crash while saving leaves the previous checkpoint (named in `latest`) untouched and loadable.
+A crash while saving leaves the previous checkpoint (named in `latest`) untouched and loadable. Each
+checkpoint's manifest (scale_rank.run_dir) lets a resume verify it before loading anything.
 """
 from __future__ import annotations
 
@@ -8,24 +9,15 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-KEEP_LAST = 2
+from .run_dir import LATEST_FILE, RunDir, write_manifest
 
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = checkpoint_root(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    return path if path.is_dir() else None
+KEEP_LAST = 2  # the newest checkpoints kept; resume falls back to an older one that verifies
 
 
 def rng_state() -> dict:
@@ -46,11 +38,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, controller, rank: int) -> Path:
-    """Write step `step` atomically; every rank calls this."""
-    root = checkpoint_root(run_dir)
-    name = f"step_{step:08d}"
-    tmp, final = root / f".tmp_{name}", root / name
+def save_checkpoint(run: RunDir, step: int, engine, controller, rank: int,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write step `step` atomically; every rank calls this. `write_extra(directory)` (collective) adds more
+    files, e.g. the full adapter state; the manifest covers them all and is written before `latest` moves."""
+    root = run.checkpoints
+    final = run.checkpoint(step)
+    tmp = root / f".tmp_{final.name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -59,12 +53,15 @@ def save_checkpoint(run_dir: Path, step: int, engine, controller, rank: int) -> 
     torch.save({"step": step, "controller": controller.state_dict(), "rng": rng_state()},
                tmp / f"rank{rank}.pt")
     _barrier()
+    if write_extra is not None:
+        write_extra(tmp)
     if rank == 0:
+        write_manifest(tmp, dist.get_world_size() if dist.is_initialized() else 1, step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = root / ".latest.tmp"
-        pointer.write_text(name)
-        os.replace(pointer, root / "latest")
+        pointer.write_text(final.name)
+        os.replace(pointer, root / LATEST_FILE)
         for old in sorted(root.glob("step_*"))[:-KEEP_LAST]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -72,13 +69,9 @@ def save_checkpoint(run_dir: Path, step: int, engine, controller, rank: int) -> 
 
 
 def load_checkpoint(path: Path, engine, controller, rank: int) -> dict:
-    """Restore engine, controller and RNG state; returns this rank's saved record (step, extras)."""
-    record_path = Path(path) / f"rank{rank}.pt"
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path} is missing: the checkpoint was written by fewer processes; "
-                                "resume with the same number of processes")
+    """Restore engine, controller and RNG state from a verified checkpoint; returns this rank's record."""
     engine.load_state(Path(path))
-    record = torch.load(record_path, weights_only=False)
+    record = torch.load(Path(path) / f"rank{rank}.pt", weights_only=False)
     controller.load_state_dict(record["controller"])
     set_rng_state(record["rng"])
     return record

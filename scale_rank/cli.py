@@ -9,8 +9,15 @@ import sys
 from .config import ConfigError, load_config
 
 
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return common
+
+
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune with an adaptive-rank method (defaults: the embedded demo)")
+    p = sub.add_parser("train", help="fine-tune with an adaptive-rank method (defaults: the embedded demo)",
+                       parents=[_common()])
     p.add_argument("assignments", nargs="*", metavar="SECTION.KEY=VALUE",
                    help="config overrides, e.g. method.r_target=4 train.total_steps=300")
     p.add_argument("--config", help="YAML recipe (configs/...); omitted: the embedded demo defaults")
@@ -22,26 +29,32 @@ def _train_parser(sub) -> None:
     p.add_argument("--data-dir", help="shortcut for -o data.data_dir=...")
     p.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", help="DeepSpeed JSON config")
     p.add_argument("--report-to", help="comma-separated sinks beyond the run directory's files, e.g. wandb")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from its newest checkpoint that verifies")
+    p.add_argument("--overwrite", action="store_true", help="replace the run output_dir holds (its files only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a run's adapter as a plain PEFT LoRA adapter (or merged weights)")
+    p = sub.add_parser("export", help="write a run's adapter as a plain PEFT LoRA adapter (or merged weights)",
+                       parents=[_common()])
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--merge", action="store_true", help="save full merged weights instead (save_pretrained)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
 
 
 def _report_parser(sub) -> None:
-    p = sub.add_parser("report", help="print a run's final rank table and totals, re-draw its rank pictures")
+    p = sub.add_parser("report", help="print a run's final rank table and totals, re-draw its rank pictures",
+                       parents=[_common()])
     p.add_argument("run_dir")
     p.add_argument("--no-pictures", action="store_true", help="only print (no PNGs into run_dir)")
 
 
 def _plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="per-GPU memory of fine-tuning a (large) model, from its config alone")
+    p = sub.add_parser("plan", help="per-GPU memory of fine-tuning a (large) model, from its config alone",
+                       parents=[_common()])
     p.add_argument("--model", required=True, help="config.json path, model directory, shipped config name "
                    "(configs/llm/models: llama2_7b, llama3_8b, ...) or hub name")
     p.add_argument("--method", default="adalora", help="lora | adalora | sora | increlora | prilora")
@@ -80,7 +93,7 @@ def _train(args) -> int:
     overrides += [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
     cfg = load_config(args.config, _method_first(overrides))
     from .train import train
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if result.adapter_dir is not None:
         print_summary(result)
     return 0
@@ -103,7 +116,7 @@ def print_summary(result) -> None:
 
 def _export(args) -> int:
     from .export import export_run
-    summary = export_run(args.run_dir, args.out, merge=args.merge)
+    summary = export_run(args.run_dir, args.out, merge=args.merge, overwrite=args.overwrite)
     print(f"exported {args.run_dir} -> {args.out}")
     return 0 if summary is not None else 1
 
@@ -155,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         args.assignments += extra  # SECTION.KEY=VALUE items given after options
     try:
         return {"train": _train, "export": _export, "report": _report, "plan": _plan}[args.command](args)
-    except ConfigError as error:
-        print(f"scale-rank: error: {error}", file=sys.stderr)
+    except (ConfigError, TimeoutError) as error:
+        if args.debug:
+            raise
+        if isinstance(error, TimeoutError) or os.environ.get("RANK", "0") == "0":  # config errors: main only
+            print(f"scale-rank: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -254,6 +254,8 @@ class DataConfig:
 
     def validate(self) -> None:
         _positive("data.max_length", self.max_length)
+        _positive("data.train_size", self.train_size)
+        _positive("data.eval_size", self.eval_size)
         if self.packing and self.task not in ("chat", "synthetic_chat"):
             raise ConfigError("data.packing applies to chat data (data.task=chat or synthetic_chat) only")
 
@@ -282,6 +284,8 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # e.g. ["wandb"]
     # Activation checkpointing of the transformer blocks: false, true (= "non_reentrant"), "reentrant"
     gradient_checkpointing: bool | str = False
+    # a collective that waits longer than this ends the job (a process hung or died)
+    dist_timeout_minutes: float = 30.0
 
     def validate(self) -> None:
         if isinstance(self.gradient_checkpointing, str):
@@ -294,6 +298,9 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _non_negative("train.warmup_steps", self.warmup_steps)
+        _positive("train.dist_timeout_minutes", self.dist_timeout_minutes)
+        for key in ("eval_every", "save_every", "log_every"):
+            _non_negative(f"train.{key}", getattr(self, key))
         if self.total_steps is not None:
             _positive("train.total_steps", self.total_steps)
         if self.epochs is not None and self.epochs <= 0:

@@ -8,6 +8,7 @@ from `deepspeed ... --deepspeed ds_configs/<x>.json`.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ class ProcessInfo:
         return self.rank == 0
 
 
-def init_processes() -> ProcessInfo:
-    """Join the process group the launcher (torchrun, accelerate, deepspeed) described in the env."""
+def init_processes(timeout_minutes: float = 30.0) -> ProcessInfo:
+    """Join the process group the launcher (torchrun, accelerate, deepspeed) described in the env; a
+    collective that waits longer than `timeout_minutes` raises instead of hanging the job."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -47,7 +49,8 @@ def init_processes() -> ProcessInfo:
     if not cuda and local_world > 1:  # CPU processes share the cores: oversubscription slows all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return ProcessInfo(rank, world_size, local_rank, device)
 

@@ -27,13 +27,17 @@ import contextlib
 import copy
 import json
 import logging
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .layer import AdaptiveLoRALayer
+from .run_dir import CONFIG_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -339,9 +343,13 @@ def load_trainable(model: nn.Module, path: str | Path) -> None:
 
     Required: every parameter that trains in `model` and every adapter's `active` and `scale`.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ConfigError(f"{path} is unreadable ({error}): the file is truncated or damaged") from error
     required = [name for name, p in model.named_parameters() if p.requires_grad]
     required += [f"{name}.{t}" for name, _ in named_adapters(model) for t in ("active", "scale")]
     absent = [k for k in required if k not in state]
@@ -363,11 +371,11 @@ def locate_state(path: str | Path) -> tuple[Path, Path]:
         run_dir = path.parent if path.name == "final" else path.parent.parent
     else:
         run_dir, state_dir = path, path / "final"
-    for needed in (run_dir / "run_config.yaml", state_dir / TRAINABLE_FILE, state_dir / META_FILE):
+    for needed in (run_dir / CONFIG_FILE, state_dir / TRAINABLE_FILE, state_dir / META_FILE):
         if not needed.is_file():
-            raise FileNotFoundError(f"{needed} is missing: {path} is neither a finished scale_rank run nor "
-                                    "one of its checkpoints")
-    return run_dir / "run_config.yaml", state_dir
+            raise ConfigError(f"{needed} is missing: {path} is neither a finished scale_rank run nor one of "
+                              "its checkpoints")
+    return run_dir / CONFIG_FILE, state_dir
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, object, dict]:
@@ -391,16 +399,40 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, object, dict]:
     return model, tokenizer, meta
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False) -> dict:
-    """Export a finished run: a PEFT adapter (default) or, with `merge`, a merged model plus tokenizer."""
+def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, overwrite: bool = False) -> dict:
+    """Export a finished run: a PEFT adapter (default) or, with `merge`, a merged model plus tokenizer.
+
+    `out_dir` must be new or empty unless `overwrite`; the export is written beside it and then renamed
+    into place, so it never mixes with files that were there.
+    """
+    out = Path(out_dir)
+    _check_export_target(out, overwrite)
     model, tokenizer, meta = load_run(run_dir)
-    if merge:
-        summary = export_merged(model, out_dir, tokenizer)
-    else:
-        summary = export_peft(model, out_dir, base_model_name_or_path=meta.get("base_model"))
+    staging = out.with_name(f".tmp_{out.name}")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        if merge:
+            summary = export_merged(model, staging, tokenizer)
+        else:
+            summary = export_peft(model, staging, base_model_name_or_path=meta.get("base_model"))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConfigError(f"cannot write the export to {out}: {error.strerror or error}") from error
+    summary["out_dir"] = str(out)
     summary["run_dir"] = str(run_dir)
     summary["mode"] = "merged" if merge else "peft"
     return summary
+
+
+def _check_export_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export target {out} is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"export target {out} is not empty; pass --overwrite to replace it, or choose another "
+                          "--out")
 
 
 __all__ = ["export_peft", "export_merged", "export_run", "save_trainable", "load_trainable", "load_run",

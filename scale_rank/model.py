@@ -1,6 +1,8 @@
 """Load the base model and tokenizer, and build the adapted model a run config describes."""
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from .adapt import adapt
@@ -21,7 +23,26 @@ def resolve_model_path(name_or_path: str) -> str:
             raise ConfigError(f"model {name_or_path!r} needs the package {package.replace('_', '-')}: "
                               f"pip install {package.replace('_', '-')}") from error
         return str(module.get_model_path())
+    if _names_a_directory(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ConfigError(f"model.name_or_path {name_or_path!r} is not a directory (check the path)")
     return name_or_path
+
+
+def _names_a_directory(name: str) -> bool:
+    """Local paths: absolute, relative with ./ or ../, home-relative, or with more than one '/' (hub names
+    are 'org/name')."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.path.isdir(name)
+
+
+def model_config(name_or_path: str, **kwargs):
+    """The model's transformers config; a name that neither a directory nor the hub resolves is one
+    ConfigError line (no download traceback)."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot load model {name_or_path!r}: {first}") from error
 
 
 def storage_dtype(precision: str, engine_kind: str = "single"):
@@ -134,8 +155,7 @@ def keep_4bit_layout(model: nn.Module) -> None:
 
 def context_length(name_or_path: str) -> int | None:
     """The model's maximum sequence length from its config (None when the config does not say)."""
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    config = model_config(name_or_path)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         if isinstance(getattr(config, key, None), int):
             return getattr(config, key)

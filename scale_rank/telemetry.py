@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .run_dir import METRICS_FILE, RANKS_FILE, TELEMETRY_FILE
+
 log = logging.getLogger(__name__)
 
-TELEMETRY_FILE = "telemetry.jsonl"
-RANKS_FILE = "ranks.jsonl"
 HEATMAP_FILE = "rank_heatmap.png"
 BUDGET_FILE = "rank_budget.png"
 TIMELINE_FILE = "rank_timeline.png"
@@ -519,7 +519,7 @@ def report(run_dir: str | Path, pictures: bool = True) -> str:
     final = RankTable.from_event(modules, events[-1], layout.get("target"))
     out = [f"run {run_dir}" + (f" ({layout['method']})" if layout.get("method") else ""),
            f"final allocation at step {final.step} ({len(events)} events)", format_table(final)]
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS_FILE
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         final_metrics = metrics.get("final", {})

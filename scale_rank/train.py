@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from . import run_dir as rd
+from .checkpoint import load_checkpoint, save_checkpoint
 from .comm import Collective
 from .config import ConfigError, RunConfig
 from .controller import RankController
@@ -33,7 +35,9 @@ from .model import build_adapted_model, check_context, resolve_model_path
 from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+# fault injection for tests: every process exits after this step / the last rank stops responding after it
 _CRASH_AFTER = os.environ.get("SCALE_RANK_CRASH_AFTER_STEP")
+_HANG_AFTER = os.environ.get("SCALE_RANK_HANG_AFTER_STEP")
 
 
 @dataclass
@@ -55,36 +59,86 @@ def resolve_total_steps(cfg: RunConfig, train_size: int) -> int:
     return max(1, math.floor(cfg.train.epochs * train_size / cfg.train.batch_size))
 
 
-def check_resume_compatible(run_dir: Path, cfg: RunConfig) -> None:
-    """A resume directory must come from the same method, model and data."""
-    saved_path = run_dir / "run_config.yaml"
-    if not saved_path.is_file():
-        raise ConfigError(f"cannot resume: {saved_path} is missing (not a scale_rank run directory)")
-    saved = yaml.safe_load(saved_path.read_text())
+# train settings that change what a run computes: a resume must keep them (output, logging and saving may change)
+RESUME_KEPT_TRAIN = ("lr", "weight_decay", "batch_size", "grad_accum", "total_steps", "warmup_steps",
+                     "lr_schedule", "seed", "engine", "precision")
+
+
+def check_resume_compatible(run: rd.RunDir, cfg: RunConfig) -> None:
+    """A resume must continue the same run: same method, model, data and every train setting that changes
+    the result; the first difference is named."""
+    saved = yaml.safe_load(run.config.read_text())
     now = cfg.to_dict()
     for section in ("method", "model", "data"):
         if saved.get(section) != now[section]:
-            raise ConfigError(f"cannot resume {run_dir}: its {section} settings differ from this run's "
+            raise ConfigError(f"cannot resume {run.path}: its {section} settings differ from this run's "
                               f"({saved.get(section)} vs {now[section]}); use a new train.output_dir")
+    for key in RESUME_KEPT_TRAIN:
+        before, after = saved.get("train", {}).get(key), now["train"][key]
+        if before != after:
+            raise ConfigError(f"cannot resume {run.path}: train.{key} was {before!r} and is now {after!r}, so the "
+                              f"result would differ from an uninterrupted run; set train.{key}={before}")
+
+
+def _main_decides(proc: ProcessInfo, decide: Callable[[], object]) -> object:
+    """Run `decide` on the main process and give every process its result, or the ConfigError it raised."""
+    outcome: list = [None, None]
+    if proc.is_main:
+        try:
+            outcome[0] = decide()
+        except ConfigError as error:
+            outcome[1] = str(error)
+    if dist.is_initialized() and proc.world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise ConfigError(outcome[1])
+    return outcome[0]
+
+
+def _claim_run_dir(run: rd.RunDir, cfg: RunConfig, proc: ProcessInfo, resume: bool,
+                   overwrite: bool) -> Path | None:
+    """Lock the run directory for this run; on resume return the newest verified checkpoint (its step's
+    later decisions are cut from the event logs) and keep the saved config, else write the config."""
+    if resume and overwrite:
+        raise ConfigError("pass either --resume or --overwrite, not both")
+
+    def decide() -> str | None:
+        rd.claim(run, "resume" if resume else "overwrite" if overwrite else "new")
+        try:
+            if not resume:
+                run.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                return None
+            check_resume_compatible(run, cfg)
+            checkpoint = rd.resume_checkpoint(run, proc.world_size)
+            run.cut_event_logs(int(checkpoint.name.removeprefix("step_")))
+            return str(checkpoint)
+        except BaseException:
+            rd.release_lock(run)
+            raise
+    checkpoint = _main_decides(proc, decide)
+    return Path(checkpoint) if checkpoint is not None else None
 
 
 StepObserver = Callable[[int, RankController, float], None]
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
-          observer: StepObserver | None = None) -> RunResult:
+          observer: StepObserver | None = None, overwrite: bool = False) -> RunResult:
     """Run one training job as `cfg` describes, on whatever processes the launcher started.
+
+    The output directory must not hold another run unless `resume` (continue from its newest verified
+    checkpoint) or `overwrite` (remove that run's files first).
 
     `observer(step, controller, loss)` is called after every optimizer step (tests record masks with it).
     """
-    proc = init_processes()
+    proc = init_processes(cfg.train.dist_timeout_minutes)
     kind, ds_path = resolve_engine(cfg.train, proc.world_size)
     adopt_launcher_precision(cfg.train)
     refuse_unsupported(kind, ds_path, cfg.model)
     micro_batch_size(cfg.train, proc.world_size)  # divisibility, checked before anything loads
     cfg.data.validate()
     check_context(cfg)
-    run_dir = Path(cfg.train.output_dir)
+    run = rd.RunDir(cfg.train.output_dir)
     torch.manual_seed(cfg.train.seed)
 
     from transformers import AutoTokenizer
@@ -92,12 +146,21 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
     task = build_task(cfg.data, tokenizer, cfg.train.seed)
     cfg.train.total_steps = resolve_total_steps(cfg, task.train_size)
     cfg.validate()
-    if resume:
-        check_resume_compatible(run_dir, cfg)
-    elif proc.is_main and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
-                          "another train.output_dir")
+    checkpoint = _claim_run_dir(run, cfg, proc, resume, overwrite)
+    try:
+        return _run(cfg, run, proc, kind, ds_path, task, checkpoint, progress, observer)
+    except RuntimeError as error:
+        if not any(word in str(error).lower() for word in ("timed out", "timeout")):
+            raise
+        raise TimeoutError(f"rank {proc.rank}: a collective waited longer than train.dist_timeout_minutes="
+                           f"{cfg.train.dist_timeout_minutes:g}: another process stopped or died") from error
+    finally:
+        if proc.is_main:
+            rd.release_lock(run)
 
+
+def _run(cfg: RunConfig, run: rd.RunDir, proc: ProcessInfo, kind: str, ds_path: str | None, task: TaskData,
+         checkpoint: Path | None, progress: bool, observer: StepObserver | None) -> RunResult:
     model, _, method = build_adapted_model(cfg, cfg.model.num_labels or task.num_labels, kind)
     layers = adapter_layers(model)
     groups = method.optimizer_groups(layers, cfg.train.lr, cfg.train.weight_decay)
@@ -112,14 +175,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
     method.track_optimizer(engine.optimizer)
 
     start = 0
-    if proc.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
+    if checkpoint is not None:
         start = load_checkpoint(checkpoint, engine, controller, proc.rank)["step"]
         log.info("resumed from %s at step %d", checkpoint, start)
 
-    telemetry = Telemetry(run_dir, cfg.train.report_to, proc.is_main, cfg.to_dict())
+    telemetry = Telemetry(run.path, cfg.train.report_to, proc.is_main, cfg.to_dict())
 
     def observe(step: int, controller: RankController, loss: float) -> None:
         telemetry.record(controller)  # after _record_decision: ranks.jsonl already has this step
@@ -127,17 +187,17 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
             observer(step, controller, loss)
 
     try:
-        losses = _train_steps(cfg, task, engine, controller, proc, start, run_dir, progress, observe)
+        losses = _train_steps(cfg, task, engine, controller, proc, start, run, progress, observe)
         metrics = evaluate(engine, task, micro_batch_size(cfg.train, proc.world_size), proc)
-        keep_best(run_dir, cfg.train.total_steps, metrics, cfg, task, engine, controller)
-        adapter_dir = finish(run_dir, cfg, task, engine, controller, metrics, proc)
+        keep_best(run, cfg.train.total_steps, metrics, cfg, task, engine, controller)
+        adapter_dir = finish(run, cfg, task, engine, controller, metrics, proc)
     finally:
         telemetry.close()  # pictures into run_dir, the W&B table artifact, wandb.finish()
-    return RunResult(run_dir, metrics, controller.ranks(), adapter_dir, losses, controller.history, engine)
+    return RunResult(run.path, metrics, controller.ranks(), adapter_dir, losses, controller.history, engine)
 
 
 def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, controller: RankController,
-                 proc: ProcessInfo, start: int, run_dir: Path, progress: bool,
+                 proc: ProcessInfo, start: int, run: rd.RunDir, progress: bool,
                  observer: StepObserver | None) -> list[float]:
     t = cfg.train
     bar = _progress_bar(t.total_steps, start, progress and proc.is_main)
@@ -164,7 +224,7 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
         controller.apply()
         engine.zero_grad()
         losses.append(_mean_over_ranks(step_loss))
-        _record_decision(run_dir, controller, proc)
+        _record_decision(run, controller, proc)
         if observer is not None:
             observer(step + 1, controller, losses[-1])
         if bar is not None:
@@ -175,14 +235,16 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
         if t.eval_every and done % t.eval_every == 0 and done < t.total_steps:
             metrics = evaluate(engine, task, micro_batch_size(t, proc.world_size), proc)
             engine.train(True)
-            keep_best(run_dir, done, metrics, cfg, task, engine, controller)
+            keep_best(run, done, metrics, cfg, task, engine, controller)
             if proc.is_main:
                 log.info("step %d: %s", done, metrics)
         if t.save_every and done % t.save_every == 0 and done < t.total_steps:
-            save_checkpoint(run_dir, done, engine, controller, proc.rank)
-            save_trainable_state(run_dir / "checkpoints" / f"step_{done:08d}", cfg, task, engine, controller)
+            save_checkpoint(run, done, engine, controller, proc.rank,
+                            lambda directory: save_trainable_state(directory, cfg, task, engine, controller))
         if _CRASH_AFTER is not None and done == int(_CRASH_AFTER):
-            os._exit(17)  # fault injection for the kill-and-resume tests (SCALE_RANK_CRASH_AFTER_STEP)
+            os._exit(17)
+        if _HANG_AFTER is not None and done == int(_HANG_AFTER) and proc.rank == proc.world_size - 1:
+            time.sleep(1e6)
     if bar is not None:
         bar.close()
     return losses
@@ -203,12 +265,11 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
-def _record_decision(run_dir: Path, controller: RankController, proc: ProcessInfo) -> None:
+def _record_decision(run: rd.RunDir, controller: RankController, proc: ProcessInfo) -> None:
     """Append the latest allocation decision to ranks.jsonl (main process)."""
     if not proc.is_main or not controller.history or controller.history[-1]["step"] != controller.step_count:
         return
-    with open(run_dir / "ranks.jsonl", "a") as out:
-        out.write(json.dumps(controller.history[-1]) + "\n")
+    run.append_event(run.ranks_log, controller.history[-1])
 
 
 def _eval_indices(n: int, proc: ProcessInfo) -> torch.Tensor:
@@ -283,35 +344,34 @@ def save_trainable_state(directory: Path, cfg: RunConfig, task: TaskData, engine
         dist.barrier()
 
 
-def keep_best(run_dir: Path, step: int, metrics: dict[str, float], cfg: RunConfig, task: TaskData,
+def keep_best(run: rd.RunDir, step: int, metrics: dict[str, float], cfg: RunConfig, task: TaskData,
               engine: TrainingEngine, controller: RankController) -> None:
     """Keep the adapter state with the best primary metric so far in run_dir/best (the papers report the
     best dev score); run_dir/best/best.json says which step and metrics (collective call)."""
-    record_path = run_dir / "best" / "best.json"
+    record_path = run.best / "best.json"
     best = json.loads(record_path.read_text()) if record_path.is_file() else None
     if best is not None:
         previous, now = best["metrics"][task.metric_name], metrics[task.metric_name]
         if (previous >= now) if task.greater_is_better else (previous <= now):
             return
-    save_trainable_state(run_dir / "best", cfg, task, engine, controller)
+    save_trainable_state(run.best, cfg, task, engine, controller)
     if engine.proc.is_main:
         tmp = record_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"step": step, "metric": task.metric_name, "metrics": metrics}))
         os.replace(tmp, record_path)
 
 
-def finish(run_dir: Path, cfg: RunConfig, task: TaskData, engine: TrainingEngine,
+def finish(run: rd.RunDir, cfg: RunConfig, task: TaskData, engine: TrainingEngine,
            controller: RankController, metrics: dict, proc: ProcessInfo) -> Path | None:
     """Save the final adapter state (full tensors from any engine), metrics, and the PEFT export."""
     from .export import export_run
-    save_trainable_state(run_dir / "final", cfg, task, engine, controller)
+    save_trainable_state(run.final, cfg, task, engine, controller)
     if not proc.is_main:
         return None
-    adapter_dir = run_dir / "adapter"
-    exported = export_run(run_dir, adapter_dir)
-    (run_dir / "metrics.json").write_text(json.dumps(
-        {"final": metrics, "best": json.loads((run_dir / "best" / "best.json").read_text()),
+    exported = export_run(run.path, run.adapter, overwrite=True)
+    run.metrics.write_text(json.dumps(
+        {"final": metrics, "best": json.loads((run.best / "best.json").read_text()),
          "ranks": exported["ranks"], "total_rank": sum(exported["ranks"].values()),
          "engine": engine.kind, "world_size": proc.world_size},
         indent=2))
-    return adapter_dir
+    return run.adapter

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from scale_rank.cli import main
 from scale_rank.config import ConfigError, load_config
+from scale_rank.run_dir import RunDir, latest_checkpoint
 from scale_rank.train import train
 from tests.support.tiny import FAST_METHODS, overrides, tiny_model_dir
 
@@ -109,7 +110,6 @@ def test_crash_and_resume_continues_exactly(method, model_dir, tmp_path):
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(model_dir, tmp_path, monkeypatch):
-    from scale_rank import checkpoint
     from scale_rank.engine import TrainingEngine
     args = overrides(model_dir, tmp_path / "run", "adalora", steps=9, save_every=3)
     calls = {"n": 0}
@@ -124,7 +124,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(model_dir, tmp_path
     monkeypatch.setattr(TrainingEngine, "save_state", failing)
     with pytest.raises(OSError, match="disk full"):
         train(load_config(None, args), progress=False)
-    assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step_00000003"
+    assert latest_checkpoint(RunDir(tmp_path / "run")).name == "step_00000003"
     monkeypatch.setattr(TrainingEngine, "save_state", real)
     result = train(load_config(None, args), resume=True, progress=False)
     assert result.adapter_dir is not None

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 EVAL_SPLITS = ("validation", "eval", "dev", "test")
+SOURCE_KEY = "__scale_rank_source__"  # where a record came from (file and line), for error messages
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 
@@ -65,7 +66,8 @@ def _load_source(source: str) -> dict[str, list[dict]]:
     except Exception as error:  # network, unknown name, auth: one clear line
         raise ConfigError(f"cannot load dataset {source!r} from the hub ({type(error).__name__}: {error}); "
                           "pass a local .json/.jsonl/.parquet file or directory as data.dataset") from error
-    return {name: list(split) for name, split in loaded.items()}
+    return {name: [{**record, SOURCE_KEY: f"{source} [{name}] record {i + 1}"} for i, record in enumerate(split)]
+            for name, split in loaded.items()}
 
 
 def _load_file(path: Path) -> list[dict]:
@@ -76,7 +78,8 @@ def _load_file(path: Path) -> list[dict]:
         table = datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
     except Exception as error:
         raise ConfigError(f"cannot read {path} as {path.suffix[1:]} ({type(error).__name__}: {error})") from error
-    return list(table)
+    where = "line" if path.suffix == ".jsonl" else "record"
+    return [{**record, SOURCE_KEY: f"{path} {where} {i + 1}"} for i, record in enumerate(table)]
 
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -103,14 +106,20 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 
 # --------------------------------------------------------------------------------------------- records
 
+def _has(record: dict, key: str | None) -> bool:
+    """`key` is a field of this record (files with mixed fields give every record every field, as None)."""
+    return key is not None and record.get(key) is not None
+
+
 def to_messages(record: dict, cfg: DataConfig, where: str) -> list[dict[str, str]]:
     """A record as a list of {"role", "content"} with at least one assistant turn."""
-    if cfg.messages_field in record:
+    where = record.get(SOURCE_KEY, where)
+    if _has(record, cfg.messages_field):
         turns = record[cfg.messages_field]
         if not isinstance(turns, list) or not turns:
             raise ConfigError(f"{where}: {cfg.messages_field!r} must be a non-empty list of turns")
         messages = [_turn(turn, where) for turn in turns]
-    elif cfg.prompt_field in record and cfg.response_field in record:
+    elif _has(record, cfg.prompt_field) and _has(record, cfg.response_field):
         prompt = str(record[cfg.prompt_field])
         extra = record.get(cfg.input_field) if cfg.input_field else None
         if extra:
@@ -119,7 +128,7 @@ def to_messages(record: dict, cfg: DataConfig, where: str) -> list[dict[str, str
                     {"role": "assistant", "content": str(record[cfg.response_field])}]
     else:
         raise ConfigError(
-            f"{where} has fields {sorted(record)}; expected a {cfg.messages_field!r} list of {{role, content}} "
+            f"{where} has fields {sorted(k for k in record if k != SOURCE_KEY and record[k] is not None)}; expected a {cfg.messages_field!r} list of {{role, content}} "
             f"turns or {cfg.prompt_field!r} and {cfg.response_field!r} fields: set data.messages_field, or "
             "data.prompt_field / data.response_field (and data.input_field) to your column names")
     if not any(m["role"] == "assistant" for m in messages):

@@ -252,8 +252,12 @@ def read_tsv(spec: GlueSpec, path: Path) -> list[Example]:
     if not path.is_file():
         raise ConfigError(f"GLUE {spec.name}: expected file {path} not found")
     csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: line {_first_undecodable_line(path)} is not UTF-8 text; re-save the file as "
+                          "UTF-8") from error
     if not rows:
         raise ConfigError(f"{path}: empty file")
     first_data_line = 1
@@ -288,6 +292,15 @@ def read_tsv(spec: GlueSpec, path: Path) -> list[Example]:
     if not examples:
         raise ConfigError(f"{path}: no examples")
     return examples
+
+
+def _first_undecodable_line(path: Path) -> int:
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return number
+    return 0
 
 
 def task_directory(spec: GlueSpec, data_dir: str | Path) -> Path:
