@@ -5,8 +5,11 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from .config import ConfigError, load_config
+
+ERROR_GRACE_S = 5.0
 
 
 def _common() -> argparse.ArgumentParser:
@@ -171,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TimeoutError) as error:
         if args.debug:
             raise
-        if isinstance(error, TimeoutError) or os.environ.get("RANK", "0") == "0":  # config errors: main only
+        main_process = os.environ.get("RANK", "0") == "0"
+        if isinstance(error, TimeoutError) or main_process:  # config errors: one line, from the main process
             print(f"scale-rank: error: {error}", file=sys.stderr)
+        if not main_process:
+            time.sleep(ERROR_GRACE_S)  # a launcher stops every process when the first one fails: let main report
         return 2
 
 

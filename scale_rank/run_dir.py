@@ -9,6 +9,7 @@
         best/ final/         full adapter state (trainable.safetensors, meta.json, controller.pt)
         adapter/             the PEFT export of final/
         .lock                {"host", "pid"} of the process that writes the run (removed at its end)
+        wandb/ wandb_run_id  the W&B files and run id (a resume continues that run)
 
 Every other module asks this one for paths. A new run into a directory that holds a run is refused unless
 the user resumes it or overwrites it; the lock keeps a second writer out, and a lock left by a dead process
@@ -37,10 +38,11 @@ METRICS_FILE = "metrics.json"
 LOCK_FILE = ".lock"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
+WANDB_ID_FILE = "wandb_run_id"
 EVENT_LOGS = (RANKS_FILE, TELEMETRY_FILE)
 # everything a run writes (what --overwrite removes; nothing else in the directory is touched)
 RUN_ENTRIES = (CONFIG_FILE, RANKS_FILE, TELEMETRY_FILE, METRICS_FILE, "checkpoints", "best", "final", "adapter",
-               "rank_heatmap.png", "rank_budget.png", "rank_timeline.png", "wandb", "tensorboard")
+               "rank_heatmap.png", "rank_budget.png", "rank_timeline.png", "wandb", WANDB_ID_FILE, "tensorboard")
 MODES = ("new", "resume", "overwrite")
 
 

@@ -26,11 +26,12 @@ import json
 import logging
 import math
 import os
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .run_dir import METRICS_FILE, RANKS_FILE, TELEMETRY_FILE
+from .run_dir import METRICS_FILE, RANKS_FILE, TELEMETRY_FILE, WANDB_ID_FILE
 
 log = logging.getLogger(__name__)
 
@@ -368,9 +369,12 @@ class WandbSink(TelemetrySink):
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not os.environ.get("WANDB_API_KEY")
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        id_file = run_dir / WANDB_ID_FILE  # a resumed run continues the same W&B run
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "scale_rank"), dir=str(run_dir),
                               mode="offline" if offline else None, config=config, name=name or run_dir.name,
-                              reinit="finish_previous")
+                              id=run_id, resume="allow", reinit="finish_previous")
         self.last: RankTable | None = None
 
     def log_event(self, step: int, table: RankTable) -> None:

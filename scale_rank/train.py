@@ -31,6 +31,7 @@ from .ds_config import micro_batch_size
 from .engine import (ProcessInfo, TrainingEngine, adopt_launcher_precision, init_processes,
                      refuse_unsupported, resolve_engine)
 from .inject import adapter_layers
+from .methods import method_class
 from .model import build_adapted_model, check_context, resolve_model_path
 from .telemetry import Telemetry
 
@@ -95,12 +96,12 @@ def _main_decides(proc: ProcessInfo, decide: Callable[[], object]) -> object:
     return outcome[0]
 
 
-def _claim_run_dir(run: rd.RunDir, cfg: RunConfig, proc: ProcessInfo, resume: bool,
-                   overwrite: bool) -> Path | None:
+def _claim_run_dir(job: "Job", resume: bool, overwrite: bool) -> Path | None:
     """Lock the run directory for this run; on resume return the newest verified checkpoint (its step's
     later decisions are cut from the event logs) and keep the saved config, else write the config."""
     if resume and overwrite:
         raise ConfigError("pass either --resume or --overwrite, not both")
+    run, cfg, proc = job.run, job.cfg, job.proc
 
     def decide() -> str | None:
         rd.claim(run, "resume" if resume else "overwrite" if overwrite else "new")
@@ -122,6 +123,27 @@ def _claim_run_dir(run: rd.RunDir, cfg: RunConfig, proc: ProcessInfo, resume: bo
 StepObserver = Callable[[int, RankController, float], None]
 
 
+@dataclass(frozen=True)
+class Job:
+    """A resolved run: the validated config and what follows from it, fixed before the model loads."""
+
+    cfg: RunConfig
+    run: rd.RunDir
+    proc: ProcessInfo
+    engine_kind: str
+    ds_config: str | None
+    task: TaskData
+    micro_batch: int  # rows per forward on each process
+
+
+@dataclass(frozen=True)
+class Live:
+    """What trains: the engine around the adapted model, and the rank controller."""
+
+    engine: TrainingEngine
+    controller: RankController
+
+
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
           observer: StepObserver | None = None, overwrite: bool = False) -> RunResult:
     """Run one training job as `cfg` describes, on whatever processes the launcher started.
@@ -132,23 +154,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
     `observer(step, controller, loss)` is called after every optimizer step (tests record masks with it).
     """
     proc = init_processes(cfg.train.dist_timeout_minutes)
-    kind, ds_path = resolve_engine(cfg.train, proc.world_size)
-    adopt_launcher_precision(cfg.train)
-    refuse_unsupported(kind, ds_path, cfg.model)
-    micro_batch_size(cfg.train, proc.world_size)  # divisibility, checked before anything loads
-    cfg.data.validate()
-    check_context(cfg)
-    run = rd.RunDir(cfg.train.output_dir)
-    torch.manual_seed(cfg.train.seed)
-
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path))
-    task = build_task(cfg.data, tokenizer, cfg.train.seed)
-    cfg.train.total_steps = resolve_total_steps(cfg, task.train_size)
-    cfg.validate()
-    checkpoint = _claim_run_dir(run, cfg, proc, resume, overwrite)
+    job = resolve_job(cfg, proc)
+    checkpoint = _claim_run_dir(job, resume, overwrite)
     try:
-        return _run(cfg, run, proc, kind, ds_path, task, checkpoint, progress, observer)
+        return _run(job, checkpoint, progress, observer)
     except RuntimeError as error:
         if not any(word in str(error).lower() for word in ("timed out", "timeout")):
             raise
@@ -156,12 +165,34 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True,
                            f"{cfg.train.dist_timeout_minutes:g}: another process stopped or died") from error
     finally:
         if proc.is_main:
-            rd.release_lock(run)
+            rd.release_lock(job.run)
 
 
-def _run(cfg: RunConfig, run: rd.RunDir, proc: ProcessInfo, kind: str, ds_path: str | None, task: TaskData,
-         checkpoint: Path | None, progress: bool, observer: StepObserver | None) -> RunResult:
-    model, _, method = build_adapted_model(cfg, cfg.model.num_labels or task.num_labels, kind)
+def resolve_job(cfg: RunConfig, proc: ProcessInfo) -> Job:
+    """Validate everything that can be checked before the model loads (engine, precision, the method against
+    the world size, batch divisibility, context length), build the task, resolve the step count, validate
+    the whole config, and fix the result in one Job."""
+    kind, ds_path = resolve_engine(cfg.train, proc.world_size)
+    adopt_launcher_precision(cfg.train)
+    refuse_unsupported(kind, ds_path, cfg.model)
+    micro_batch = micro_batch_size(cfg.train, proc.world_size)
+    cfg.data.validate()
+    error = method_class(cfg.method.name).world_size_error(cfg.method, proc.world_size)
+    if error:
+        raise ConfigError(error)
+    check_context(cfg)
+    torch.manual_seed(cfg.train.seed)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path))
+    task = build_task(cfg.data, tokenizer, cfg.train.seed)
+    cfg.train.total_steps = resolve_total_steps(cfg, task.train_size)
+    cfg.validate()
+    return Job(cfg, rd.RunDir(cfg.train.output_dir), proc, kind, ds_path, task, micro_batch)
+
+
+def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserver | None) -> RunResult:
+    cfg, proc, task = job.cfg, job.proc, job.task
+    model, _, method = build_adapted_model(cfg, cfg.model.num_labels or task.num_labels, job.engine_kind)
     layers = adapter_layers(model)
     groups = method.optimizer_groups(layers, cfg.train.lr, cfg.train.weight_decay)
     adapter_ids = {id(p) for g in groups for p in g["params"]}
@@ -169,17 +200,18 @@ def _run(cfg: RunConfig, run: rd.RunDir, proc: ProcessInfo, kind: str, ds_path: 
     if heads:
         groups.append({"name": "heads", "params": heads, "lr": cfg.train.lr,
                        "weight_decay": cfg.train.weight_decay})
-    engine = TrainingEngine(kind, model, groups, cfg.train, cfg.train.total_steps, proc, ds_path)
+    engine = TrainingEngine(job.engine_kind, model, groups, cfg.train, cfg.train.total_steps, proc, job.ds_config)
     controller = RankController(model, method, engine.access, Collective())
     controller.set_accumulation(cfg.train.grad_accum)
     method.track_optimizer(engine.optimizer)
+    live = Live(engine, controller)
 
     start = 0
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, engine, controller, proc.rank)["step"]
         log.info("resumed from %s at step %d", checkpoint, start)
 
-    telemetry = Telemetry(run.path, cfg.train.report_to, proc.is_main, cfg.to_dict())
+    telemetry = Telemetry(job.run.path, cfg.train.report_to, proc.is_main, cfg.to_dict())
 
     def observe(step: int, controller: RankController, loss: float) -> None:
         telemetry.record(controller)  # after _record_decision: ranks.jsonl already has this step
@@ -187,19 +219,18 @@ def _run(cfg: RunConfig, run: rd.RunDir, proc: ProcessInfo, kind: str, ds_path: 
             observer(step, controller, loss)
 
     try:
-        losses = _train_steps(cfg, task, engine, controller, proc, start, run, progress, observe)
-        metrics = evaluate(engine, task, micro_batch_size(cfg.train, proc.world_size), proc)
-        keep_best(run, cfg.train.total_steps, metrics, cfg, task, engine, controller)
-        adapter_dir = finish(run, cfg, task, engine, controller, metrics, proc)
+        losses = _train_steps(job, live, start, progress, observe)
+        metrics = evaluate(engine, task, job.micro_batch, proc)
+        keep_best(job, live, cfg.train.total_steps, metrics)
+        adapter_dir = finish(job, live, metrics)
     finally:
         telemetry.close()  # pictures into run_dir, the W&B table artifact, wandb.finish()
-    return RunResult(run.path, metrics, controller.ranks(), adapter_dir, losses, controller.history, engine)
+    return RunResult(job.run.path, metrics, controller.ranks(), adapter_dir, losses, controller.history, engine)
 
 
-def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, controller: RankController,
-                 proc: ProcessInfo, start: int, run: rd.RunDir, progress: bool,
-                 observer: StepObserver | None) -> list[float]:
-    t = cfg.train
+def _train_steps(job: Job, live: Live, start: int, progress: bool, observer: StepObserver | None) -> list[float]:
+    t, task, proc = job.cfg.train, job.task, job.proc
+    engine, controller = live.engine, live.controller
     bar = _progress_bar(t.total_steps, start, progress and proc.is_main)
     losses = []
     engine.train(True)
@@ -224,7 +255,7 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
         controller.apply()
         engine.zero_grad()
         losses.append(_mean_over_ranks(step_loss))
-        _record_decision(run, controller, proc)
+        _record_decision(job.run, controller, proc)
         if observer is not None:
             observer(step + 1, controller, losses[-1])
         if bar is not None:
@@ -233,14 +264,14 @@ def _train_steps(cfg: RunConfig, task: TaskData, engine: TrainingEngine, control
                             budget=sum(controller.method.ranks().tolist()))
         done = step + 1
         if t.eval_every and done % t.eval_every == 0 and done < t.total_steps:
-            metrics = evaluate(engine, task, micro_batch_size(t, proc.world_size), proc)
+            metrics = evaluate(engine, task, job.micro_batch, proc)
             engine.train(True)
-            keep_best(run, done, metrics, cfg, task, engine, controller)
+            keep_best(job, live, done, metrics)
             if proc.is_main:
                 log.info("step %d: %s", done, metrics)
         if t.save_every and done % t.save_every == 0 and done < t.total_steps:
-            save_checkpoint(run, done, engine, controller, proc.rank,
-                            lambda directory: save_trainable_state(directory, cfg, task, engine, controller))
+            save_checkpoint(job.run, done, engine, controller, proc.rank,
+                            lambda directory: save_trainable_state(directory, job, live))
         if _CRASH_AFTER is not None and done == int(_CRASH_AFTER):
             os._exit(17)
         if _HANG_AFTER is not None and done == int(_HANG_AFTER) and proc.rank == proc.world_size - 1:
@@ -319,23 +350,23 @@ def _evaluate_loss(engine: TrainingEngine, task: TaskData, batch_size: int, proc
     return task.metric(totals[0], totals[1])
 
 
-def save_trainable_state(directory: Path, cfg: RunConfig, task: TaskData, engine: TrainingEngine,
-                         controller: RankController) -> None:
+def save_trainable_state(directory: Path, job: Job, live: Live) -> None:
     """Full adapter tensors (gathered from any engine) + meta into `directory` (collective; rank 0 writes).
 
     Written beside every checkpoint and at the end, so `scale-rank export` works from any of them.
     """
     from safetensors.torch import save_file
-    state = engine.full_trainable_state()
-    if engine.proc.is_main:
+    cfg = job.cfg
+    state = live.engine.full_trainable_state()
+    if job.proc.is_main:
         tmp = directory.with_name(f".tmp_{directory.name}_trainable")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(state, str(tmp / "trainable.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({
-            "num_labels": cfg.model.num_labels or task.num_labels,
+            "num_labels": cfg.model.num_labels or job.task.num_labels,
             "base_model": resolve_model_path(cfg.model.name_or_path), "total_steps": cfg.train.total_steps}))
-        torch.save(controller.state_dict(), tmp / "controller.pt")
+        torch.save(live.controller.state_dict(), tmp / "controller.pt")
         directory.mkdir(parents=True, exist_ok=True)
         for item in tmp.iterdir():
             os.replace(item, directory / item.name)
@@ -344,34 +375,34 @@ def save_trainable_state(directory: Path, cfg: RunConfig, task: TaskData, engine
         dist.barrier()
 
 
-def keep_best(run: rd.RunDir, step: int, metrics: dict[str, float], cfg: RunConfig, task: TaskData,
-              engine: TrainingEngine, controller: RankController) -> None:
+def keep_best(job: Job, live: Live, step: int, metrics: dict[str, float]) -> None:
     """Keep the adapter state with the best primary metric so far in run_dir/best (the papers report the
     best dev score); run_dir/best/best.json says which step and metrics (collective call)."""
-    record_path = run.best / "best.json"
+    task = job.task
+    record_path = job.run.best / "best.json"
     best = json.loads(record_path.read_text()) if record_path.is_file() else None
     if best is not None:
         previous, now = best["metrics"][task.metric_name], metrics[task.metric_name]
         if (previous >= now) if task.greater_is_better else (previous <= now):
             return
-    save_trainable_state(run.best, cfg, task, engine, controller)
-    if engine.proc.is_main:
+    save_trainable_state(job.run.best, job, live)
+    if job.proc.is_main:
         tmp = record_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"step": step, "metric": task.metric_name, "metrics": metrics}))
         os.replace(tmp, record_path)
 
 
-def finish(run: rd.RunDir, cfg: RunConfig, task: TaskData, engine: TrainingEngine,
-           controller: RankController, metrics: dict, proc: ProcessInfo) -> Path | None:
+def finish(job: Job, live: Live, metrics: dict) -> Path | None:
     """Save the final adapter state (full tensors from any engine), metrics, and the PEFT export."""
     from .export import export_run
-    save_trainable_state(run.final, cfg, task, engine, controller)
-    if not proc.is_main:
+    run = job.run
+    save_trainable_state(run.final, job, live)
+    if not job.proc.is_main:
         return None
     exported = export_run(run.path, run.adapter, overwrite=True)
     run.metrics.write_text(json.dumps(
         {"final": metrics, "best": json.loads((run.best / "best.json").read_text()),
          "ranks": exported["ranks"], "total_rank": sum(exported["ranks"].values()),
-         "engine": engine.kind, "world_size": proc.world_size},
+         "engine": live.engine.kind, "world_size": job.proc.world_size},
         indent=2))
     return run.adapter

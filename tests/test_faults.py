@@ -241,8 +241,10 @@ def test_chat_records_with_other_fields_name_the_file_and_line(tmp_path):
 @pytest.mark.parametrize("setting,message", [
     ("data.eval_size=0", "data.eval_size must be > 0"),
     ("model.name_or_path=./no/such/model", "is not a directory"),
+    ("model.name_or_path=nobody/no-such-model", "cannot load model 'nobody/no-such-model'"),
 ])
-def test_bad_data_and_model_settings_are_one_line(setting, message, capsys, tmp_path):
+def test_bad_data_and_model_settings_are_one_line(setting, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an unreachable hub, as on a machine without network
     assert main(["train", "-o", f"train.output_dir={tmp_path / 'r'}", "-o", setting]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

@@ -167,6 +167,10 @@ def test_wandb_offline_writes_run_dir(adalora_run, tmp_path, monkeypatch):
     media = list(offline[0].rglob("*.png"))
     assert media, "the heatmap image was not saved"
     assert list(offline[0].rglob("*.table.json")), "the final rank table was not saved"
+    first_id = telemetry.sinks[-1].run.id
+    resumed = tm.make_sinks(tmp_path, ["wandb"], config={"method": "adalora"})[-1]  # as a resumed run does
+    assert resumed.run.id == first_id
+    resumed.close()
 
 
 def test_pictures_after_resume_cover_the_whole_run(adalora_run, tmp_path, monkeypatch):
