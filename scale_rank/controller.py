@@ -59,7 +59,8 @@ class RankController:
             self._pending = (-1, None)
             return
         method, comm = self.method, self.comm
-        method.before_step(step)
+        with self.access.deferred_writes():  # gradient edits: one collective for all modules where needed
+            method.before_step(step)
         sums = method.partial_sums(step)
         if sums is not None:
             comm.all_reduce_sum(sums)
@@ -82,7 +83,8 @@ class RankController:
         self._pending = None
         if step < 0:
             return
-        self.method.apply(decision, step)
+        with self.access.deferred_writes():  # one collective for all modules' edits where an engine needs one
+            self.method.apply(decision, step)
         self.step_count = step
         ranks = self.method.ranks().tolist()
         if decision is not None or not self.history or ranks != self.history[-1]["ranks"]:

@@ -22,14 +22,17 @@ elsewhere (optimizer offload to CPU on a GPU run), `storage` copies and `write` 
 
 Collective writes. Under ZeRO-1/2 every rank holds the whole model copy of a trainable parameter while
 the fp32 master is partitioned; ZeRO-3 keeps parameters under its persistence threshold whole on every
-rank. `DeepSpeedAccess.write` therefore all-gathers the parameter's new values over its partition group:
+rank. `DeepSpeedAccess.write` therefore rebuilds that copy from every rank's part, with a collective:
 call `write` on every rank, for the same parameters in the same order (edit_local in every method does:
-decisions are broadcast and applied to every module on every rank). To keep that true for gradient-only
+decisions are broadcast and applied to every module on every rank). Inside `deferred_writes()` (the
+controller wraps each method call in one) the rebuilds of all written parameters run together at the
+block's end: one collective per kind, not one per module. To keep that true for gradient-only
 writes (SoRA adds to gradients), `storage` gives an empty, not a missing, gradient on a rank that holds
 no fragment while the engine holds gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -102,9 +105,19 @@ class FSDP2Access:
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
         self._whole = WholeTensorAccess(rank, world_size)
+        self._layouts: dict[int, tuple[torch.Size, tuple[int, int, int, int]]] = {}
 
     def _layout(self, param) -> tuple[int, int, int, int]:
-        """(start, end, replica index, number of replicas) of this rank's local tensor of a DTensor."""
+        """(start, end, replica index, number of replicas) of this rank's local tensor of a DTensor, computed
+        once per parameter (a sharded parameter keeps its mesh and placements for the whole run)."""
+        cached = self._layouts.get(id(param))
+        if cached is None or cached[0] != param.shape:
+            cached = (param.shape, self._compute_layout(param))
+            self._layouts[id(param)] = cached
+        return cached[1]
+
+    @staticmethod
+    def _compute_layout(param) -> tuple[int, int, int, int]:
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -125,6 +138,9 @@ class FSDP2Access:
         row = math.prod(param.shape[1:])
         start = offset[0] * row if len(offset) else 0
         return start, start + math.prod(shape), replica, n_replicas
+
+    def deferred_writes(self):
+        return contextlib.nullcontext()  # writes are in place, no collective
 
     def storage(self, param: nn.Parameter) -> LocalSlice:
         from torch.distributed.tensor import DTensor
@@ -196,6 +212,9 @@ class FSDP1Access:
         if not self._info:
             raise ValueError("no FullyShardedDataParallel module found: pass the FSDP-wrapped model")
 
+    def deferred_writes(self):
+        return contextlib.nullcontext()  # writes are in place, no collective
+
     def _lookup(self, param):
         try:
             return self._info[id(param)]
@@ -261,6 +280,8 @@ class DeepSpeedAccess:
         self.rank, self.world_size = rank, world_size
         self.stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
         self._whole = WholeTensorAccess(rank, world_size)
+        self._deferred: dict[int, nn.Parameter] | None = None
+        self.collective_calls = 0  # model-copy refreshes (all_gather / all_reduce) so far
         if self.stage == 3:
             hpz = engine.zero_hpz_partition_size() if hasattr(engine, "zero_hpz_partition_size") else 1
             if hpz > 1:
@@ -324,7 +345,7 @@ class DeepSpeedAccess:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_grad
 
-        start, end, size = self._z3_range(param)
+        start, end, _ = self._z3_range(param)
         n = end - start
         with torch.no_grad():
             if param.requires_grad:
@@ -347,11 +368,7 @@ class DeepSpeedAccess:
             # the model copy: this rank's partition, and the whole tensor where ZeRO-3 keeps it gathered
             _store(param.ds_tensor.view(-1)[:n], local.values.to(param.ds_tensor.dtype))
             if param.ds_status == ZeroParamStatus.AVAILABLE and param.numel() == param.ds_numel:
-                group = getattr(param, "ds_process_group", None)
-                part = param.ds_tensor.detach().view(-1)[:size].to(param.device, param.dtype)
-                parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
-                dist.all_gather(parts, part.contiguous(), group=group)
-                param.data.view(-1).copy_(torch.cat(parts)[:param.ds_numel])
+                self._refresh_copy(param)
 
     # -- ZeRO-1/2 -------------------------------------------------------------------------------------
     def _grads_held(self, param) -> bool:
@@ -404,11 +421,75 @@ class DeepSpeedAccess:
                     held = self._z12_grad(param, mapping)
                     if held is not None and not torch.equal(held, local.grad.to(held.device, held.dtype)):
                         _store(held, local.grad)
-            # the model copy is whole on every rank: rebuild it from every rank's fragment
+        self._refresh_copy(param)  # the model copy is whole on every rank: rebuilt from every rank's fragment
+
+    # -- the replicated model copies: one collective for all the writes of a deferred block ----------------
+    @contextlib.contextmanager
+    def deferred_writes(self):
+        if self._deferred is not None:  # nested: the outermost block refreshes
+            yield
+            return
+        self._deferred = {}
+        try:
+            yield
+            pending = list(self._deferred.values())
+        finally:
+            self._deferred = None
+        self._refresh(pending)
+
+    def _refresh_copy(self, param) -> None:
+        if self._deferred is None:
+            self._refresh([param])
+        else:
+            self._deferred[id(param)] = param
+
+    def _refresh(self, params: list) -> None:
+        """Rebuild the whole model copy of `params` (every rank, same order): ZeRO-3 persistent parameters by
+        one all_gather of every rank's partitions, ZeRO-1/2 parameters by one all_reduce of the fragments."""
+        groups: dict[tuple[str, int], list] = {}
+        for param in params:
+            if self._is_zero3(param):
+                key = ("gather", id(getattr(param, "ds_process_group", None)))
+            else:
+                key = ("reduce", id(getattr(param, "_dp_group", None)))
+            groups.setdefault(key, []).append(param)
+        with torch.no_grad():
+            for (kind, _), members in groups.items():
+                if kind == "gather":
+                    self._gather_partitions(members)
+                else:
+                    self._reduce_fragments(members)
+
+    def _gather_partitions(self, params: list) -> None:
+        group = getattr(params[0], "ds_process_group", None)
+        sizes = [param.ds_tensor.ds_numel for param in params]
+        device = params[0].device
+        flat = torch.cat([param.ds_tensor.detach().view(-1)[:size].to(device, torch.float32)
+                          for param, size in zip(params, sizes)])
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, flat, group=group)
+        self.collective_calls += 1
+        offset = 0
+        for param, size in zip(params, sizes):
+            whole = torch.cat([part[offset:offset + size] for part in gathered])[:param.ds_numel]
+            param.data.view(-1).copy_(whole.to(param.dtype))
+            offset += size
+
+    def _reduce_fragments(self, params: list) -> None:
+        group = getattr(params[0], "_dp_group", None)
+        fulls = []
+        for param in params:
             full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
-            if mapping is not None and local.end > local.start:
-                full[local.start:local.end] = local.values.to(full.device, full.dtype)
-            dist.all_reduce(full, group=getattr(param, "_dp_group", None))
+            mapping = param._hp_mapping
+            if mapping is not None and mapping.lp_fragment_address.numel:
+                address = mapping.lp_fragment_address
+                full[address.start:address.start + address.numel] = \
+                    mapping.hp_fragment.detach().view(-1).to(full.device, full.dtype)
+            fulls.append(full)
+        flat = torch.cat(fulls)
+        dist.all_reduce(flat, group=group)
+        self.collective_calls += 1
+        for param, full in zip(params, flat.split([f.numel() for f in fulls])):
             param.data.view(-1).copy_(full)
 
     # -- the protocol ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ every element is counted exactly once (a replicated tensor is split into 1/world
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +32,9 @@ class ShardAccess(Protocol):
 
     def write(self, param: nn.Parameter, local: LocalSlice) -> None:
         """Store `local.values` (edited by a method) back into the parameter's storage."""
+
+    def deferred_writes(self) -> AbstractContextManager:
+        """Within it, collectives that `write` needs are collected and run once, together, at its end."""
 
 
 def split_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -61,6 +65,9 @@ class WholeTensorAccess:
 
     def scoring(self, param: nn.Parameter) -> LocalSlice:
         return narrow(self.storage(param), *split_range(param.numel(), self.rank, self.world_size))
+
+    def deferred_writes(self) -> AbstractContextManager:
+        return nullcontext()  # writes need no collective
 
     def write(self, param: nn.Parameter, local: LocalSlice) -> None:
         """Values are views of the parameter: edits are already in place."""

@@ -60,6 +60,30 @@ def resolve_total_steps(cfg: RunConfig, train_size: int) -> int:
     return max(1, math.floor(cfg.train.epochs * train_size / cfg.train.batch_size))
 
 
+StepObserver = Callable[[int, RankController, float], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A resolved run: the validated config and what follows from it, fixed before the model loads."""
+
+    cfg: RunConfig
+    run: rd.RunDir
+    proc: ProcessInfo
+    engine_kind: str
+    ds_config: str | None
+    task: TaskData
+    micro_batch: int  # rows per forward on each process
+
+
+@dataclass(frozen=True)
+class Live:
+    """What trains: the engine around the adapted model, and the rank controller."""
+
+    engine: TrainingEngine
+    controller: RankController
+
+
 # train settings that change what a run computes: a resume must keep them (output, logging and saving may change)
 RESUME_KEPT_TRAIN = ("lr", "weight_decay", "batch_size", "grad_accum", "total_steps", "warmup_steps",
                      "lr_schedule", "seed", "engine", "precision")
@@ -96,7 +120,7 @@ def _main_decides(proc: ProcessInfo, decide: Callable[[], object]) -> object:
     return outcome[0]
 
 
-def _claim_run_dir(job: "Job", resume: bool, overwrite: bool) -> Path | None:
+def _claim_run_dir(job: Job, resume: bool, overwrite: bool) -> Path | None:
     """Lock the run directory for this run; on resume return the newest verified checkpoint (its step's
     later decisions are cut from the event logs) and keep the saved config, else write the config."""
     if resume and overwrite:
@@ -118,30 +142,6 @@ def _claim_run_dir(job: "Job", resume: bool, overwrite: bool) -> Path | None:
             raise
     checkpoint = _main_decides(proc, decide)
     return Path(checkpoint) if checkpoint is not None else None
-
-
-StepObserver = Callable[[int, RankController, float], None]
-
-
-@dataclass(frozen=True)
-class Job:
-    """A resolved run: the validated config and what follows from it, fixed before the model loads."""
-
-    cfg: RunConfig
-    run: rd.RunDir
-    proc: ProcessInfo
-    engine_kind: str
-    ds_config: str | None
-    task: TaskData
-    micro_batch: int  # rows per forward on each process
-
-
-@dataclass(frozen=True)
-class Live:
-    """What trains: the engine around the adapted model, and the rank controller."""
-
-    engine: TrainingEngine
-    controller: RankController
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True,

@@ -167,6 +167,18 @@ def test_write_lands_in_model_master_and_next_forward(engine, results, ref):
             _close(value.float(), ref["stepped"][name], engine, f"{name} after the next step", fp32=(1e-4, 1e-5))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_one_decision_refreshes_replicated_copies_with_one_collective(engine, results):
+    """Writing lam and A of every module inside deferred_writes costs ZeRO one collective in all (ZeRO-1/2: an
+    all_reduce of every fragment; ZeRO-3: an all_gather of the persistent parameters), not one per module;
+    the other engines write in place."""
+    res = results(engine)
+    expected = 1 if engine.startswith("zero") else 0
+    if engine.startswith("zero3") and not any(res["persistent"].values()):
+        expected = 0
+    assert res["refreshes"] == expected, f"{engine}: {res['refreshes']} collectives for one decision"
+
+
 @pytest.mark.parametrize("engine", [e for e in ENGINES if e.startswith("zero3")])
 def test_zero3_persistent_parameters_are_scored_from_their_partition(engine, results):
     """Under the persistence threshold ZeRO-3 keeps a parameter whole on every rank, but its fp32 master and

@@ -68,6 +68,9 @@ class _Copying:
     def write(self, param, local):
         self.inner.write(param, local)
 
+    def deferred_writes(self):
+        return self.inner.deferred_writes()
+
 
 def clean(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "")
@@ -232,7 +235,11 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
     # through storage/write: lam[0] = 0 and A[1, :] = 0 in every module
     write_grad_zeros(access, layers)
     engine.step()
-    write_zeros(access, layers)
+    counted = getattr(access, "inner", access)
+    calls = getattr(counted, "collective_calls", 0)
+    with access.deferred_writes():  # as the controller applies a decision: one refresh for all modules
+        write_zeros(access, layers)
+    refreshes = getattr(counted, "collective_calls", 0) - calls
     written = engine.full_params()
     master = engine.master_params() if engine.deepspeed else None
     loss, logits = forward(engine.module, input_ids, labels)
@@ -245,7 +252,7 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
         torch.save({"slices": {n: [s[n] for s in slices] for n in mine},
                     "storage": {n: [s[n] for s in storage] for n in ranges},
                     "sums": sums.cpu(), "written": written, "master": master, "logits": logits,
-                    "stepped": stepped, "persistent": persistent, "attached": attached,
+                    "stepped": stepped, "persistent": persistent, "attached": attached, "refreshes": refreshes,
                     "seconds": time.time() - start},
                    os.path.join(out_dir, f"{kind}.pt"))
     if engine.deepspeed:
