@@ -160,6 +160,8 @@ def _plan(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SCALE_RANK_LOG", "WARNING"), format="%(levelname)s %(message)s")
+    # bitsandbytes warns on every CPU import that an optional kernel package is missing: nothing to act on
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     stray = [item for item in extra if item.startswith("-") or "=" not in item]

@@ -25,11 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import netrc
 import os
 import secrets
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
+from urllib.parse import urlparse
 
 from .run_dir import METRICS_FILE, RANKS_FILE, TELEMETRY_FILE, WANDB_ID_FILE
 
@@ -292,6 +295,9 @@ class TelemetrySink:
     def log_event(self, step: int, table: RankTable) -> None:
         raise NotImplementedError
 
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Training scalars (train/loss, train/lr, train/samples_per_s, eval/<metric>); files ignore them."""
+
     def close(self) -> None:
         pass
 
@@ -360,26 +366,51 @@ def scalars(table: RankTable) -> dict[str, float]:
     return out
 
 
+def wandb_credentials() -> bool:
+    """Whether wandb would find an API key: WANDB_API_KEY, or a netrc entry for its host (`wandb login`)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode() -> str | None:
+    """None (wandb decides, honouring WANDB_MODE) unless there are no credentials: then "offline", said once."""
+    if os.environ.get("WANDB_MODE") or wandb_credentials():
+        return None
+    log.warning("W&B: no credentials (WANDB_API_KEY or `wandb login`): logging offline into the run "
+                "directory; `wandb sync` uploads it later")
+    return "offline"
+
+
 class WandbSink(TelemetrySink):
-    """Weights & Biases: offline when WANDB_API_KEY is unset (or WANDB_MODE=offline); project "scale_rank"."""
+    """Weights & Biases, project "scale_rank" (WANDB_PROJECT): online when wandb finds credentials, offline
+    otherwise or with WANDB_MODE=offline."""
 
     def __init__(self, run_dir: str | Path, config: dict | None = None, name: str | None = None):
         import wandb
         self.wandb = wandb
-        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not os.environ.get("WANDB_API_KEY")
+        mode = wandb_mode()
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / WANDB_ID_FILE  # a resumed run continues the same W&B run
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "scale_rank"), dir=str(run_dir),
-                              mode="offline" if offline else None, config=config, name=name or run_dir.name,
+                              mode=mode, config=config, name=name or run_dir.name,
                               id=run_id, resume="allow", reinit="finish_previous")
         self.last: RankTable | None = None
 
     def log_event(self, step: int, table: RankTable) -> None:
         self.run.log(scalars(table), step=step)
         self.last = table
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
 
     def close(self) -> None:
         wandb, run = self.wandb, self.run
@@ -409,7 +440,10 @@ class TensorBoardSink(TelemetrySink):
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log_event(self, step: int, table: RankTable) -> None:
-        for key, value in scalars(table).items():
+        self.log_metrics(step, scalars(table))
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
@@ -455,6 +489,11 @@ class Telemetry:
         self.log(table)
         return table
 
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Training scalars on the rank panels' step axis (main process)."""
+        for sink in self.sinks:
+            sink.log_metrics(step, metrics)
+
     def log(self, table: RankTable) -> None:
         self._logged_step = table.step
         for sink in self.sinks:
@@ -469,6 +508,29 @@ class Telemetry:
                 sink.close()
             except Exception:  # telemetry never fails a finished training run
                 log.exception("telemetry sink %s failed to close", type(sink).__name__)
+
+
+class TrainingMetrics:
+    """The loop's scalars for the sinks, on the rank panels' step axis: every `every` steps the mean loss of
+    the window, the learning rate and samples per second; eval/<metric> at every evaluation."""
+
+    def __init__(self, telemetry: Telemetry, every: int, batch_size: int):
+        self.telemetry, self.every, self.batch_size = telemetry, every, batch_size
+        self._losses: list[float] = []
+        self._since = time.perf_counter()
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self._losses.append(loss)
+        if not self.every or step % self.every:
+            return
+        now = time.perf_counter()
+        self.telemetry.log_metrics(step, {
+            "train/loss": sum(self._losses) / len(self._losses), "train/lr": lr,
+            "train/samples_per_s": len(self._losses) * self.batch_size / max(now - self._since, 1e-9)})
+        self._losses, self._since = [], now
+
+    def evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        self.telemetry.log_metrics(step, {f"eval/{key}": value for key, value in metrics.items()})
 
 
 # ---------------------------------------------------------------------------------------------------

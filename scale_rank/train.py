@@ -33,7 +33,7 @@ from .engine import (ProcessInfo, TrainingEngine, adopt_launcher_precision, init
 from .inject import adapter_layers
 from .methods import method_class
 from .model import build_adapted_model, check_context, resolve_model_path
-from .telemetry import Telemetry
+from .telemetry import Telemetry, TrainingMetrics
 
 log = logging.getLogger(__name__)
 # fault injection for tests: every process exits after this step / the last rank stops responding after it
@@ -78,10 +78,11 @@ class Job:
 
 @dataclass(frozen=True)
 class Live:
-    """What trains: the engine around the adapted model, and the rank controller."""
+    """What trains (the engine around the adapted model, the rank controller) and where scalars go."""
 
     engine: TrainingEngine
     controller: RankController
+    report: TrainingMetrics
 
 
 # train settings that change what a run computes: a resume must keep them (output, logging and saving may change)
@@ -204,7 +205,6 @@ def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserv
     controller = RankController(model, method, engine.access, Collective())
     controller.set_accumulation(cfg.train.grad_accum)
     method.track_optimizer(engine.optimizer)
-    live = Live(engine, controller)
 
     start = 0
     if checkpoint is not None:
@@ -212,6 +212,7 @@ def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserv
         log.info("resumed from %s at step %d", checkpoint, start)
 
     telemetry = Telemetry(job.run.path, cfg.train.report_to, proc.is_main, cfg.to_dict())
+    live = Live(engine, controller, TrainingMetrics(telemetry, cfg.train.log_every, cfg.train.batch_size))
 
     def observe(step: int, controller: RankController, loss: float) -> None:
         telemetry.record(controller)  # after _record_decision: ranks.jsonl already has this step
@@ -221,6 +222,7 @@ def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserv
     try:
         losses = _train_steps(job, live, start, progress, observe)
         metrics = evaluate(engine, task, job.micro_batch, proc)
+        live.report.evaluation(cfg.train.total_steps, metrics)
         keep_best(job, live, cfg.train.total_steps, metrics)
         adapter_dir = finish(job, live, metrics)
     finally:
@@ -256,6 +258,7 @@ def _train_steps(job: Job, live: Live, start: int, progress: bool, observer: Ste
         engine.zero_grad()
         losses.append(_mean_over_ranks(step_loss))
         _record_decision(job.run, controller, proc)
+        live.report.step(step + 1, losses[-1], engine.lr())
         if observer is not None:
             observer(step + 1, controller, losses[-1])
         if bar is not None:
@@ -266,6 +269,7 @@ def _train_steps(job: Job, live: Live, start: int, progress: bool, observer: Ste
         if t.eval_every and done % t.eval_every == 0 and done < t.total_steps:
             metrics = evaluate(engine, task, job.micro_batch, proc)
             engine.train(True)
+            live.report.evaluation(done, metrics)
             keep_best(job, live, done, metrics)
             if proc.is_main:
                 log.info("step %d: %s", done, metrics)

@@ -187,3 +187,32 @@ def test_pictures_after_resume_cover_the_whole_run(adalora_run, tmp_path, monkey
     monkeypatch.setattr(tm, "plot_budget", lambda events, path: (seen.append(list(events)), original(events, path))[1])
     sink.close()
     assert [e["step"] for e in seen[0]] == [h["step"] for h in history]
+
+
+def test_training_scalars_reach_the_offline_wandb_run(tmp_path, monkeypatch):
+    """loss, lr, throughput (every log_every steps), eval metrics and rank series are in the run's log file."""
+    pytest.importorskip("wandb")
+    from scale_rank.config import load_config
+    from scale_rank.train import train
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    train(load_config(None, ["train.total_steps=6", f"train.output_dir={out}", "data.train_size=64",
+                             "data.eval_size=32", "train.log_every=2", "train.report_to=[wandb]",
+                             "method.t_init=1", "method.t_final=1"]), progress=False)
+    (log_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    data = log_file.read_bytes()
+    for key, at_least in (("train/loss", 3), ("train/lr", 3), ("train/samples_per_s", 3), ("eval/accuracy", 1),
+                          ("rank/total", 1)):
+        assert data.count(key.encode()) >= at_least, key
+
+
+def test_wandb_goes_offline_only_without_credentials(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert tm.wandb_mode() == "offline"  # no key anywhere
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    assert tm.wandb_mode() is None  # `wandb login` stored a key: wandb decides (online), not forced offline
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tm.wandb_mode() is None  # wandb reads WANDB_MODE itself
