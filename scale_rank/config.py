@@ -49,10 +49,9 @@ INITS = ("lora", "paper")
 class SVDFormConfig(MethodConfig):
     """Fields of the SVD-form methods (AdaLoRA, IncreLoRA): B diag(lam) A with a sensitivity score.
 
-    init "lora" (default): A with orthonormal rows, B = 0, lam = 1/sqrt(3), so the adapter starts at a LoRA
-    adapter's scale and learns from the first step (docs/methods.md, "The stall"). init "paper": the papers'
-    exact start, lam = 0 and A, B ~ N(0, 0.02), whose update is second order in the parameters and stalls
-    short runs at the papers' learning rates.
+    init "lora" (default): A Kaiming-uniform, B = 0, lam = 1, so the adapter starts as a LoRA adapter and
+    learns from the first step (docs/methods.md, "The stall"). init "paper": the papers' exact start,
+    lam = 0 and A, B ~ N(0, 0.02), whose update is second order in the parameters and stalls short runs.
     """
 
     gamma: float = 0.1

@@ -35,20 +35,6 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-# Row norm of an A drawn Kaiming-uniform with a = sqrt(5) (LoRA's init): entries U(-1/sqrt(d_in), 1/sqrt(d_in))
-KAIMING_ROW_NORM = 1 / math.sqrt(3)
-
-
-def _orthonormal_rows_(A: torch.Tensor) -> None:
-    """Fill A (r x d_in, r <= d_in) with random orthonormal rows, drawn in float32 (QR has no half-precision
-    kernels); meta tensors hold no values."""
-    if A.is_meta:
-        return
-    drawn = torch.empty(A.shape, dtype=torch.float32, device=A.device)
-    nn.init.orthogonal_(drawn)
-    A.copy_(drawn)
-
-
 def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
@@ -122,18 +108,14 @@ class AdaptiveLoRALayer(nn.Module):
             nn.init.zeros_(self.lora_B)
 
     def init_svd_form(self, init: str) -> None:
-        """Start of AdaLoRA / IncreLoRA adapters (docs/methods.md, "The stall"): "paper" lam = 0 and A, B ~
-        N(0, 0.02); "lora" a LoRA start in SVD form: A with orthonormal rows (what the regularizer asks for),
-        B = 0, and lam = 1/sqrt(3), the row norm of LoRA's Kaiming-uniform A, so B diag(lam) A starts at the
-        scale of a LoRA adapter and learns from the first step."""
-        with torch.no_grad():
-            if init == "paper":
-                self.init_gaussian(0.02)
-                self.lora_lam.zero_()
-            else:
-                _orthonormal_rows_(self.lora_A)
-                self.lora_B.zero_()
-                self.lora_lam.fill_(KAIMING_ROW_NORM)
+        """Start of AdaLoRA / IncreLoRA adapters (docs/methods.md): "paper" lam = 0 and A, B ~ N(0, 0.02);
+        "lora" A Kaiming-uniform, B = 0, lam = 1 (the adapter starts as a LoRA adapter)."""
+        if init == "paper":
+            self.init_gaussian(0.02)
+            nn.init.zeros_(self.lora_lam.data)
+        else:
+            self.init_kaiming_zero()
+            nn.init.ones_(self.lora_lam.data)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -115,9 +115,11 @@ def test_method_specs_carry_settings(bench):
 
 
 def test_separate_profile_shapes(bench):
-    """The profile behind the README's table: 300 steps per task, MRPC at lr 3e-3, paper variants included."""
+    """The profile behind the README's table: 300 steps per task, MRPC at lr 1e-3, paper variants included;
+    --lr replaces every task's learning rate."""
     sst2 = bench.make_plan("sst2", bench.Options(profile="separate", data_dir=None), train_size=67349)
     mrpc = bench.make_plan("mrpc", bench.Options(profile="separate", data_dir=None), train_size=2576)
-    assert (sst2.steps, sst2.lr, mrpc.steps, mrpc.lr, mrpc.max_length) == (300, 8e-4, 300, 3e-3, 96)
+    assert (sst2.steps, sst2.lr, mrpc.steps, mrpc.lr, mrpc.max_length) == (300, 8e-4, 300, 1e-3, 96)
+    assert bench.make_plan("sst2", bench.Options(profile="separate", data_dir=None, lr=2e-3), 67349).lr == 2e-3
     assert set(bench.PAPER_VARIANTS) < set(bench.PROFILES["separate"]["methods"])
     assert mrpc.schedule["adalora"] == {"t_init": 30, "t_final": 90, "delta_t": 1}

@@ -34,7 +34,7 @@ def test_short_run_lowers_the_loss(name):
     batches = fixed_batches()
     before = run.loss(batches)
     run.train(batches, 30)
-    assert run.loss(batches) < before - 0.01  # from 0.694: small but clear (IncreLoRA, from rank 1: 0.014)
+    assert run.loss(batches) < before - 0.015  # from 0.694: a small but clear decrease
 
 
 def test_paper_init_stalls_where_the_default_learns():
@@ -51,7 +51,7 @@ def test_paper_init_stalls_where_the_default_learns():
         losses[name, init] = before - run.loss(batches)
     lora = losses["lora", None]
     for name in ("adalora", "increlora"):
-        assert losses[name, "lora"] > 0.25 * lora, losses  # IncreLoRA starts at rank 1 (LoRA: 4): 0.35x
+        assert losses[name, "lora"] > 0.4 * lora, losses  # IncreLoRA starts at rank 1 (LoRA: 4)
         assert losses[name, "paper"] < 0.1 * lora, losses
 
 
