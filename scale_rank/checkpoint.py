@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .run_dir import LATEST_FILE, RunDir, write_manifest
+from .run_dir import LATEST_FILE, RunDir, write_atomic, write_manifest
 
 KEEP_LAST = 2  # the newest checkpoints kept; resume falls back to an older one that verifies
 
@@ -59,9 +59,7 @@ def save_checkpoint(run: RunDir, step: int, engine, controller, rank: int,
         write_manifest(tmp, dist.get_world_size() if dist.is_initialized() else 1, step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / LATEST_FILE)
+        write_atomic(root / LATEST_FILE, final.name)
         for old in sorted(root.glob("step_*"))[:-KEEP_LAST]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -108,12 +108,13 @@ class RunDir:
                 continue
             kept = [line for line in log_file.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= step]
-            _write_atomic(log_file, "".join(line + "\n" for line in kept))
+            write_atomic(log_file, "".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------------------- ownership
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a hidden sibling, then rename it over `path` (a reader never sees half a file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -211,7 +212,7 @@ def write_manifest(directory: Path, world_size: int, step: int) -> None:
     """manifest.json: the step, the world size and every file's size and SHA-256 (written last)."""
     files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in _files(directory)}
-    _write_atomic(directory / MANIFEST_FILE,
+    write_atomic(directory / MANIFEST_FILE,
                   json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1))
 
 

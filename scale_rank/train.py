@@ -391,9 +391,7 @@ def keep_best(job: Job, live: Live, step: int, metrics: dict[str, float]) -> Non
             return
     save_trainable_state(job.run.best, job, live)
     if job.proc.is_main:
-        tmp = record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, "metric": task.metric_name, "metrics": metrics}))
-        os.replace(tmp, record_path)
+        rd.write_atomic(record_path, json.dumps({"step": step, "metric": task.metric_name, "metrics": metrics}))
 
 
 def finish(job: Job, live: Live, metrics: dict) -> Path | None:
