@@ -278,6 +278,8 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     seed: int = 0
     log_every: int = 10
+    # clip the global gradient norm of everything that trains to this before the scores see it (0: off)
+    max_grad_norm: float = 0.0
     engine: str = "auto"  # auto | single | ddp | fsdp2 | fsdp1 | deepspeed
     deepspeed_config: str | None = None  # a ds_configs/*.json file ("auto" values filled from here)
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -295,6 +297,7 @@ class TrainConfig:
         _choice("train.lr_schedule", self.lr_schedule, ("linear", "cosine", "constant"))
         _positive("train.lr", self.lr)
         _non_negative("train.weight_decay", self.weight_decay)
+        _non_negative("train.max_grad_norm", self.max_grad_norm)
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _non_negative("train.warmup_steps", self.warmup_steps)

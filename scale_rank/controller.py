@@ -49,8 +49,10 @@ class RankController:
         self._hook = model.register_forward_pre_hook(self._count_forward)
 
     # -- the per-step protocol ---------------------------------------------------------------------
-    def observe(self, skipped: bool = False) -> None:
-        """After backward, before the optimizer step. `skipped`: fp16 overflow, nothing is scored."""
+    def observe(self, skipped: bool = False, grad_factor: torch.Tensor | float = 1.0) -> None:
+        """After backward, before the optimizer step. `skipped`: fp16 overflow, nothing is scored.
+        `grad_factor`: what the optimizer will still multiply the gradients by (a clipping inside the
+        engine's step, as DeepSpeed's), so that scores see the gradients the optimizer uses."""
         if self._pending is not None:
             raise RuntimeError("RankController.observe() called twice without apply() in between")
         self._forwards = 0
@@ -59,6 +61,7 @@ class RankController:
             self._pending = (-1, None)
             return
         method, comm = self.method, self.comm
+        method.grad_factor = grad_factor
         with self.access.deferred_writes():  # gradient edits: one collective for all modules where needed
             method.before_step(step)
         sums = method.partial_sums(step)

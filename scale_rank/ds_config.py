@@ -28,6 +28,7 @@ def load_ds_config(path: str | Path, cfg: TrainConfig, world_size: int) -> dict[
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
         "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,  # DeepSpeed clips inside engine.step(), 0 = off
     }
     for key, value in wanted.items():
         _fill(ds, [key], value, path)

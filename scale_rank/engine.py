@@ -234,6 +234,37 @@ class TrainingEngine:
             return bool(self.ds_engine.optimizer.check_overflow())
         return False
 
+    def clip_gradients(self, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip the global gradient norm of everything that trains to `max_norm` (after fp16 unscaling), each
+        engine its own way: `clip_grad_norm_` (one process, DDP; FSDP2 over its DTensor shards), FSDP1's
+        sharded `clip_grad_norm_`, DeepSpeed's `gradient_clipping` (inside `step()`).
+
+        Returns (the norm before clipping, the factor the optimizer will still apply to the gradients as
+        they are now): 1 where they were scaled in place; under DeepSpeed the coefficient its step will
+        apply, computed here from the same norm, so that scores can see the gradients the optimizer uses.
+        """
+        if self.kind == "deepspeed":
+            norm = self._sharded_grad_norm() / self.grad_scale()
+            return norm, torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        if self.kind == "fsdp1":
+            norm = self.model.clip_grad_norm_(max_norm)
+        else:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of partial sums
+                norm = norm.full_tensor()
+        return norm.detach().float(), torch.ones((), device=norm.device)
+
+    def _sharded_grad_norm(self) -> torch.Tensor:
+        """L2 norm of all trainable gradients from every rank's scoring slices (each element counted once)."""
+        squares = [local.grad.float().pow(2).sum() for param in self.module.parameters() if param.requires_grad
+                   for local in (self.access.scoring(param),) if local.grad is not None]
+        total = torch.stack([s.to(self.proc.device) for s in squares]).sum() if squares else \
+            torch.zeros((), device=self.proc.device)
+        if self.proc.world_size > 1:
+            dist.all_reduce(total)
+        return total.sqrt()
+
     def micro_step(self) -> None:
         """DeepSpeed counts micro-batches itself: call after every non-final micro-batch."""
         if self.kind == "deepspeed":

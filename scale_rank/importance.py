@@ -41,11 +41,14 @@ class SensitivityTracker:
         self.i_bar = torch.zeros(self.index.numel(), device=device)
         self.u_bar = torch.zeros_like(self.i_bar)
 
-    def update(self) -> None:
-        """Fold the current gradients into the EMAs (call once per optimizer step, grads present)."""
+    def update(self, grad_factor: torch.Tensor | float = 1.0) -> None:
+        """Fold the current gradients, times `grad_factor` (a clipping the optimizer has still to apply), into
+        the EMAs (call once per optimizer step, grads present)."""
         slices = [self.access.scoring(p) for p in self.params]
         values = torch.cat([s.values.float() for s in slices])
         grads = torch.cat([_grad_or_zeros(s) for s in slices])
+        if isinstance(grad_factor, torch.Tensor):
+            grads.mul_(grad_factor.to(grads.device))
         sensitivity = values.mul_(grads).abs_()
         self.i_bar.lerp_(sensitivity, 1 - self.beta1)
         self.u_bar.mul_(self.beta2).add_(sensitivity.sub_(self.i_bar).abs_(), alpha=1 - self.beta2)

@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
+import torch
+import torch.distributed as dist
+
 from .run_dir import METRICS_FILE, RANKS_FILE, TELEMETRY_FILE, WANDB_ID_FILE
 
 log = logging.getLogger(__name__)
@@ -511,23 +514,42 @@ class Telemetry:
 
 
 class TrainingMetrics:
-    """The loop's scalars for the sinks, on the rank panels' step axis: every `every` steps the mean loss of
-    the window, the learning rate and samples per second; eval/<metric> at every evaluation."""
+    """The loop's scalars for the sinks, on the rank panels' step axis: every `every` steps the window's mean
+    loss (over steps and ranks), the learning rate, samples per second and, when gradients are clipped, the
+    mean gradient norm before clipping; eval/<metric> at every evaluation.
+
+    Losses and norms stay device tensors until a logged step, which reads them back in one reduction, so
+    the steps between do not wait for the device. Every rank calls `step` (the reduction is collective).
+    """
 
     def __init__(self, telemetry: Telemetry, every: int, batch_size: int):
         self.telemetry, self.every, self.batch_size = telemetry, every, batch_size
-        self._losses: list[float] = []
+        self._losses: list[torch.Tensor] = []
+        self._norms: list[torch.Tensor] = []
         self._since = time.perf_counter()
 
-    def step(self, step: int, loss: float, lr: float) -> None:
-        self._losses.append(loss)
+    def step(self, step: int, loss: torch.Tensor, lr: float,
+             grad_norm: torch.Tensor | None = None) -> dict[str, float] | None:
+        """Record one step's loss on this rank; on a logged step returns what was logged."""
+        self._losses.append(loss.detach().float().reshape(()))
+        if grad_norm is not None:
+            self._norms.append(grad_norm.detach().float().reshape(()).to(self._losses[-1].device))
         if not self.every or step % self.every:
-            return
+            return None
         now = time.perf_counter()
-        self.telemetry.log_metrics(step, {
-            "train/loss": sum(self._losses) / len(self._losses), "train/lr": lr,
-            "train/samples_per_s": len(self._losses) * self.batch_size / max(now - self._since, 1e-9)})
-        self._losses, self._since = [], now
+        means = torch.stack([torch.stack(self._losses).mean()] + ([torch.stack(self._norms).mean()]
+                                                                   if self._norms else []))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        values = means.tolist()
+        metrics = {"train/loss": values[0], "train/lr": lr,
+                   "train/samples_per_s": len(self._losses) * self.batch_size / max(now - self._since, 1e-9)}
+        if self._norms:
+            metrics["train/grad_norm"] = values[1]
+        self.telemetry.log_metrics(step, metrics)
+        self._losses, self._norms, self._since = [], [], now
+        return metrics
 
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
         self.telemetry.log_metrics(step, {f"eval/{key}": value for key, value in metrics.items()})

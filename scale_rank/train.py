@@ -214,13 +214,13 @@ def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserv
     telemetry = Telemetry(job.run.path, cfg.train.report_to, proc.is_main, cfg.to_dict())
     live = Live(engine, controller, TrainingMetrics(telemetry, cfg.train.log_every, cfg.train.batch_size))
 
-    def observe(step: int, controller: RankController, loss: float) -> None:
+    def on_step(step: int, controller: RankController, loss: torch.Tensor) -> None:
         telemetry.record(controller)  # after _record_decision: ranks.jsonl already has this step
         if observer is not None:
-            observer(step, controller, loss)
+            observer(step, controller, _mean_over_ranks(loss))
 
     try:
-        losses = _train_steps(job, live, start, progress, observe)
+        losses = _train_steps(job, live, start, progress, on_step)
         metrics = evaluate(engine, task, job.micro_batch, proc)
         live.report.evaluation(cfg.train.total_steps, metrics)
         keep_best(job, live, cfg.train.total_steps, metrics)
@@ -230,11 +230,14 @@ def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserv
     return RunResult(job.run.path, metrics, controller.ranks(), adapter_dir, losses, controller.history, engine)
 
 
-def _train_steps(job: Job, live: Live, start: int, progress: bool, observer: StepObserver | None) -> list[float]:
+def _train_steps(job: Job, live: Live, start: int, progress: bool,
+                 on_step: Callable[[int, RankController, torch.Tensor], None]) -> list[float]:
+    """The optimizer steps from `start`. Losses stay on the device: the host reads them at log steps (and
+    every step only when an observer asks for them), so a step does not wait for the device."""
     t, task, proc = job.cfg.train, job.task, job.proc
     engine, controller = live.engine, live.controller
     bar = _progress_bar(t.total_steps, start, progress and proc.is_main)
-    losses = []
+    losses: list[torch.Tensor] = []
     engine.train(True)
     for step in range(start, t.total_steps):
         indices = batch_indices(step, task.train_size, t.batch_size, t.seed)
@@ -242,29 +245,33 @@ def _train_steps(job: Job, live: Live, start: int, progress: bool, observer: Ste
         length = padded_length(task.train, indices)
         normaliser = loss_normaliser(task, indices, proc.world_size, t.grad_accum)
         controller.set_grad_scale(engine.grad_scale() / t.grad_accum)
-        step_loss = torch.zeros(())
+        step_loss = torch.zeros((), device=proc.device)
         for i, part in enumerate(parts):
             batch = select(task.train, part, length)
             if normaliser is not None:
                 batch["num_items_in_batch"] = normaliser
             loss = engine.forward(batch).loss
             engine.backward(loss, t.grad_accum)
-            step_loss += loss.detach().float().cpu() / t.grad_accum
+            step_loss += loss.detach().float() / t.grad_accum
             if i < len(parts) - 1:
                 engine.micro_step()
-        controller.observe(skipped=engine.prepare_step())
+        skipped = engine.prepare_step()
+        grad_norm, pending = None, 1.0
+        if t.max_grad_norm and not skipped:  # before observe: scores see the clipped gradients
+            grad_norm, pending = engine.clip_gradients(t.max_grad_norm)
+        controller.observe(skipped=skipped, grad_factor=pending)
         engine.step()
         controller.apply()
         engine.zero_grad()
-        losses.append(_mean_over_ranks(step_loss))
+        losses.append(step_loss)
         _record_decision(job.run, controller, proc)
-        live.report.step(step + 1, losses[-1], engine.lr())
-        if observer is not None:
-            observer(step + 1, controller, losses[-1])
+        logged = live.report.step(step + 1, step_loss, engine.lr(), grad_norm)
+        on_step(step + 1, controller, step_loss)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{engine.lr():.2e}",
-                            budget=sum(controller.method.ranks().tolist()))
+            if logged:
+                bar.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/lr']:.2e}",
+                                budget=sum(controller.method.ranks().tolist()))
         done = step + 1
         if t.eval_every and done % t.eval_every == 0 and done < t.total_steps:
             metrics = evaluate(engine, task, job.micro_batch, proc)
@@ -282,7 +289,7 @@ def _train_steps(job: Job, live: Live, start: int, progress: bool, observer: Ste
             time.sleep(1e6)
     if bar is not None:
         bar.close()
-    return losses
+    return _means_over_ranks(losses)
 
 
 def _progress_bar(total: int, start: int, enabled: bool):
@@ -292,12 +299,19 @@ def _progress_bar(total: int, start: int, enabled: bool):
     return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
 
-def _mean_over_ranks(value: torch.Tensor) -> float:
+def _means_over_ranks(values: list[torch.Tensor]) -> list[float]:
+    """Each rank's per-step values averaged over ranks: one reduction, one read back to the host."""
+    if not values:
+        return []
+    stacked = torch.stack(values)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return stacked.tolist()
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    return _means_over_ranks([value])[0]
 
 
 def _record_decision(run: rd.RunDir, controller: RankController, proc: ProcessInfo) -> None:

@@ -58,7 +58,7 @@ class AdaLoRA(Method):
 
     def before_step(self, step: int) -> None:
         if step <= self.final_phase_start:  # scores are frozen in the final phase
-            self.tracker.update()
+            self.tracker.update(self.grad_factor)
 
     def partial_sums(self, step: int) -> torch.Tensor | None:
         return self.tracker.partial_sums() if self.decides_at(step) else None

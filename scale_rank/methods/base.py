@@ -40,6 +40,9 @@ class Method:
         self.config = config
         self.total_steps = total_steps
         self.last_scores: torch.Tensor | None = None  # scores of the last decision (per component or module)
+        # what the optimizer will still multiply this step's gradients by (DeepSpeed's clipping acts inside its
+        # step); the controller sets it before before_step(), so scores see the gradients the optimizer uses
+        self.grad_factor: torch.Tensor | float = 1.0
 
     # -- attach time ---------------------------------------------------------------------------------
     @classmethod

@@ -100,7 +100,7 @@ class IncreLoRA(Method):
             if self.config.score == "dense":
                 self._update_dense_ema()
             else:
-                self.tracker.update()
+                self.tracker.update(self.grad_factor)
 
     def _freeze_reserve_lam_grads(self) -> None:
         """Reserve lam gets no gradient, so its optimizer moments are still zero when it is activated."""

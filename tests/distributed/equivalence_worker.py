@@ -24,6 +24,16 @@ def engine_overrides(engine: str) -> list[str]:
     return [f"train.engine={engine}"]
 
 
+def recorder(record: dict):
+    """An observer that appends each step's global mask, loss and (on rank 0) decision scores to `record`."""
+    def observe(step, controller, loss):
+        record["masks"].append(controller.method.mask.clone())
+        record["losses"].append(loss)
+        scores = controller.method.last_scores
+        record["scores"].append(torch.zeros(0) if scores is None else scores.double().cpu().clone())
+    return observe
+
+
 def main() -> int:
     args = sys.argv[1:]
     extra = args[args.index("--") + 1:] if "--" in args else []
@@ -32,12 +42,8 @@ def main() -> int:
     for method in methods:
         items = overrides(Path(model_dir), out_dir / f"{engine}_{method}", method, steps=STEPS)
         items += engine_overrides(engine) + [f"model.quantization={quantization}"] + extra
-        record = {"masks": [], "losses": []}
-
-        def observer(step, controller, loss, record=record):
-            record["masks"].append(controller.method.mask.clone())
-            record["losses"].append(loss)
-        train(load_config(None, items), progress=False, observer=observer)
+        record = {"masks": [], "losses": [], "scores": []}
+        train(load_config(None, items), progress=False, observer=recorder(record))
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save(record, out_dir / f"{engine}_{method}_rank{rank}.pt")
     return 0

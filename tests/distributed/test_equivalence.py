@@ -14,6 +14,7 @@ import torch
 from scale_rank.config import load_config
 from scale_rank.train import train
 from tests.distributed.dist_launch import run_workers
+from tests.distributed.equivalence_worker import STEPS, recorder
 from tests.support.tiny import FAST_METHODS, overrides, tiny_decoder_dir, tiny_model_dir
 
 pytestmark = pytest.mark.dist
@@ -39,18 +40,18 @@ def reference(model_dir: Path, tmp_path: Path, method: str, quantization: str, e
     """The 1-process run (no process group), cached per method, quantization and extra settings."""
     key = (method, quantization, extra)
     if key not in _references:
-        from tests.distributed.equivalence_worker import STEPS
         items = overrides(model_dir, tmp_path / f"ref_{method}_{quantization}", method, steps=STEPS)
-        record = {"masks": [], "losses": []}
+        record = {"masks": [], "losses": [], "scores": []}
         train(load_config(None, items + [f"model.quantization={quantization}", *extra]), progress=False,
-              observer=lambda step, c, loss: (record["masks"].append(c.method.mask.clone()),
-                                              record["losses"].append(loss)))
+              observer=recorder(record))
         _references[key] = record
     return _references[key]
 
 
 def check_engine(engine: str, quantization: str, methods: list[str], model_dir: Path, tmp_path: Path,
-                 extra: tuple = (), loss_atol: float = LOSS_ATOL) -> None:
+                 extra: tuple = (), loss_atol: float = LOSS_ATOL, scores_rtol: float | None = None) -> None:
+    """Masks on both ranks equal 1 process's at every step, and losses within `loss_atol`; with `scores_rtol`
+    also the scores behind every decision (rank 0 decides)."""
     code = run_workers(WORKER, tmp_path, [engine, str(model_dir), quantization, *methods,
                                           *(["--", *extra] if extra else [])])
     assert code == 0, (tmp_path / "output.txt").read_text()[-4000:]
@@ -64,6 +65,11 @@ def check_engine(engine: str, quantization: str, methods: list[str], model_dir: 
         torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(ref["losses"]),
                                    rtol=0, atol=loss_atol, msg=f"{engine}/{method} losses")
         assert (tmp_path / f"{engine}_{method}" / "adapter" / "adapter_config.json").is_file()
+        if scores_rtol is not None:
+            assert any(s.numel() for s in ref["scores"]), f"{method} made no decision to compare"
+            for step, (got, expected) in enumerate(zip(ranks[0]["scores"], ref["scores"]), 1):
+                torch.testing.assert_close(got, expected, rtol=scores_rtol, atol=0,
+                                           msg=f"{engine}/{method} scores at step {step}")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -80,6 +86,14 @@ def test_quantized_base_matches_one_process(quantization, engine, model_dir, tmp
 def test_gradient_accumulation_observes_once_per_optimizer_step(engine, model_dir, tmp_path):
     """2 micro-batches per process per step: the same decisions as 1 process with the same global batch."""
     check_engine(engine, "none", ["adalora", "increlora"], model_dir, tmp_path, ("train.grad_accum=2",))
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1", "zero2", "zero3"])
+def test_gradient_clipping_matches_one_process(engine, model_dir, tmp_path):
+    """train.max_grad_norm below every step's norm: each engine clips its own way (DeepSpeed inside its step,
+    the scores told its coefficient first), and decisions, losses and the scores behind them equal 1 process's."""
+    check_engine(engine, "none", ["adalora", "increlora"], model_dir, tmp_path, ("train.max_grad_norm=0.01",),
+                 scores_rtol=1e-3)
 
 
 @pytest.fixture(scope="module")
