@@ -282,6 +282,10 @@ class TrainConfig:
     max_grad_norm: float = 0.0
     engine: str = "auto"  # auto | single | ddp | fsdp2 | fsdp1 | deepspeed
     deepspeed_config: str | None = None  # a ds_configs/*.json file ("auto" values filled from here)
+    # FSDP: ranks each parameter is sharded over. 0: all ranks (full sharding), or the launcher's choice
+    # (accelerate: FSDP1 HYBRID_SHARD, FSDP2 parallelism_config); a divisor of the world size >= 2: hybrid
+    # sharding, shards within groups of that many consecutive ranks (one machine), replicas across groups
+    fsdp_shard_size: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16
     report_to: list[str] = field(default_factory=list)  # e.g. ["wandb"]
     # Activation checkpointing of the transformer blocks: false, true (= "non_reentrant"), "reentrant"
@@ -302,6 +306,7 @@ class TrainConfig:
         _positive("train.grad_accum", self.grad_accum)
         _non_negative("train.warmup_steps", self.warmup_steps)
         _positive("train.dist_timeout_minutes", self.dist_timeout_minutes)
+        _non_negative("train.fsdp_shard_size", self.fsdp_shard_size)
         for key in ("eval_every", "save_every", "log_every"):
             _non_negative(f"train.{key}", getattr(self, key))
         if self.total_steps is not None:

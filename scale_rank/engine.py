@@ -87,6 +87,33 @@ def resolve_engine(cfg: TrainConfig, world_size: int) -> tuple[str, str | None]:
     return kind, ds_config
 
 
+def fsdp_shard_size(cfg: TrainConfig, kind: str, world_size: int) -> int:
+    """Ranks each parameter is sharded over: `world_size` (full sharding) or, for hybrid sharding, the size
+    of the groups that shard (replicated across groups). From train.fsdp_shard_size, else from accelerate's
+    environment: FSDP1 `fsdp_sharding_strategy: HYBRID_SHARD` shards within a machine (LOCAL_WORLD_SIZE),
+    FSDP2 `parallelism_config` with dp_replicate_size > 1 within groups of dp_shard_size."""
+    size = cfg.fsdp_shard_size
+    if not size and kind == "fsdp1" and os.environ.get("FSDP_SHARDING_STRATEGY", "").upper() in ("HYBRID_SHARD", "4"):
+        size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    replicas = int(os.environ.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "1"))
+    if not size and kind == "fsdp2" and replicas > 1:
+        size = int(os.environ.get("PARALLELISM_CONFIG_DP_SHARD_SIZE", "0")) or world_size // replicas
+        if size * replicas != world_size:
+            raise ConfigError(f"accelerate's parallelism_config asks for {replicas} replicas x {size} shards, but "
+                              f"{world_size} processes run: make dp_replicate_size x dp_shard_size equal the number "
+                              "of processes (num_processes)")
+    if not size or size == world_size:
+        return world_size
+    if kind not in ("fsdp1", "fsdp2"):
+        raise ConfigError(f"train.fsdp_shard_size={size} (hybrid sharding) is for FSDP, but the engine is {kind}: "
+                          "use train.engine=fsdp2 or fsdp1, or drop it")
+    if size < 2 or world_size % size:
+        raise ConfigError(f"hybrid sharding needs a shard group size that divides the world size ({world_size}) "
+                          f"and is at least 2, got {size}: use e.g. the processes per machine "
+                          "(1 would be plain data parallelism: train.engine=ddp)")
+    return size
+
+
 def zero_stage(ds_config_path: str | None) -> int | None:
     if not ds_config_path or not Path(ds_config_path).is_file():
         return None
@@ -139,8 +166,11 @@ class TrainingEngine:
     """Forward/backward/step for one engine kind, with the shard access the controller needs."""
 
     def __init__(self, kind: str, model: nn.Module, param_groups: list[dict], cfg: TrainConfig,
-                 total_steps: int, proc: ProcessInfo, ds_config_path: str | None = None):
+                 total_steps: int, proc: ProcessInfo, ds_config_path: str | None = None,
+                 shard_size: int | None = None):
+        """`shard_size` (FSDP): ranks a parameter is sharded over; below the world size, hybrid sharding."""
         self.kind, self.cfg, self.proc = kind, cfg, proc
+        mesh = _hybrid_mesh(proc, shard_size) if shard_size and shard_size < proc.world_size else None
         self.module = model
         self.autocast_dtype = precision_dtype(cfg.precision)
         schedule = lr_schedule(cfg.lr_schedule, cfg.warmup_steps, total_steps)
@@ -156,16 +186,17 @@ class TrainingEngine:
         elif kind == "fsdp2":
             from torch.distributed.fsdp import fully_shard
             for block in transformer_blocks(model):
-                fully_shard(block)
-            self.model = fully_shard(model)
+                fully_shard(block, mesh=mesh)
+            self.model = fully_shard(model, mesh=mesh)
         elif kind == "fsdp1":
-            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
             blocks = transformer_blocks(model)
             policy = ModuleWrapPolicy({type(blocks[0])}) if blocks else None
+            hybrid = {"sharding_strategy": ShardingStrategy.HYBRID_SHARD, "device_mesh": mesh} if mesh else {}
             self.model = FullyShardedDataParallel(
                 model, use_orig_params=True, auto_wrap_policy=policy,
-                device_id=proc.device)
+                device_id=proc.device, **hybrid)
         else:
             self.model = model
         param_groups = _groups_by_name(names, model, param_groups)  # FSDP replaces parameter objects
@@ -376,6 +407,13 @@ class TrainingEngine:
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler is not None and saved["scaler"] is not None:
             self.scaler.load_state_dict(saved["scaler"])
+
+
+def _hybrid_mesh(proc: ProcessInfo, shard_size: int):
+    """(replicas x shard_size) device mesh: consecutive ranks (one machine) shard, groups replicate."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(proc.device.type, (proc.world_size // shard_size, shard_size),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def _clean(name: str) -> str:

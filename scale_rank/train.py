@@ -23,12 +23,12 @@ import yaml
 from . import run_dir as rd
 from .checkpoint import load_checkpoint, save_checkpoint
 from .comm import Collective
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, TrainConfig
 from .controller import RankController
 from .data.tasks import (TaskData, batch_indices, build_task, loss_normaliser, micro_batches, padded_length,
                          select)
 from .ds_config import micro_batch_size
-from .engine import (ProcessInfo, TrainingEngine, adopt_launcher_precision, init_processes,
+from .engine import (ProcessInfo, TrainingEngine, adopt_launcher_precision, fsdp_shard_size, init_processes,
                      refuse_unsupported, resolve_engine)
 from .inject import adapter_layers
 from .methods import method_class
@@ -72,6 +72,7 @@ class Job:
     proc: ProcessInfo
     engine_kind: str
     ds_config: str | None
+    shard_size: int  # FSDP: ranks a parameter is sharded over (below the world size: hybrid sharding)
     task: TaskData
     micro_batch: int  # rows per forward on each process
 
@@ -87,7 +88,7 @@ class Live:
 
 # train settings that change what a run computes: a resume must keep them (output, logging and saving may change)
 RESUME_KEPT_TRAIN = ("lr", "weight_decay", "batch_size", "grad_accum", "total_steps", "warmup_steps",
-                     "lr_schedule", "seed", "engine", "precision")
+                     "lr_schedule", "seed", "engine", "precision", "max_grad_norm", "fsdp_shard_size")
 
 
 def check_resume_compatible(run: rd.RunDir, cfg: RunConfig) -> None:
@@ -100,7 +101,7 @@ def check_resume_compatible(run: rd.RunDir, cfg: RunConfig) -> None:
             raise ConfigError(f"cannot resume {run.path}: its {section} settings differ from this run's "
                               f"({saved.get(section)} vs {now[section]}); use a new train.output_dir")
     for key in RESUME_KEPT_TRAIN:
-        before, after = saved.get("train", {}).get(key), now["train"][key]
+        before, after = saved.get("train", {}).get(key, getattr(TrainConfig, key)), now["train"][key]
         if before != after:
             raise ConfigError(f"cannot resume {run.path}: train.{key} was {before!r} and is now {after!r}, so the "
                               f"result would differ from an uninterrupted run; set train.{key}={before}")
@@ -176,6 +177,7 @@ def resolve_job(cfg: RunConfig, proc: ProcessInfo) -> Job:
     kind, ds_path = resolve_engine(cfg.train, proc.world_size)
     adopt_launcher_precision(cfg.train)
     refuse_unsupported(kind, ds_path, cfg.model)
+    shard_size = fsdp_shard_size(cfg.train, kind, proc.world_size)
     micro_batch = micro_batch_size(cfg.train, proc.world_size)
     cfg.data.validate()
     error = method_class(cfg.method.name).world_size_error(cfg.method, proc.world_size)
@@ -188,7 +190,7 @@ def resolve_job(cfg: RunConfig, proc: ProcessInfo) -> Job:
     task = build_task(cfg.data, tokenizer, cfg.train.seed)
     cfg.train.total_steps = resolve_total_steps(cfg, task.train_size)
     cfg.validate()
-    return Job(cfg, rd.RunDir(cfg.train.output_dir), proc, kind, ds_path, task, micro_batch)
+    return Job(cfg, rd.RunDir(cfg.train.output_dir), proc, kind, ds_path, shard_size, task, micro_batch)
 
 
 def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserver | None) -> RunResult:
@@ -201,7 +203,8 @@ def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserv
     if heads:
         groups.append({"name": "heads", "params": heads, "lr": cfg.train.lr,
                        "weight_decay": cfg.train.weight_decay})
-    engine = TrainingEngine(job.engine_kind, model, groups, cfg.train, cfg.train.total_steps, proc, job.ds_config)
+    engine = TrainingEngine(job.engine_kind, model, groups, cfg.train, cfg.train.total_steps, proc, job.ds_config,
+                            job.shard_size)
     controller = RankController(model, method, engine.access, Collective())
     controller.set_accumulation(cfg.train.grad_accum)
     method.track_optimizer(engine.optimizer)
@@ -419,6 +422,6 @@ def finish(job: Job, live: Live, metrics: dict) -> Path | None:
     run.metrics.write_text(json.dumps(
         {"final": metrics, "best": json.loads((run.best / "best.json").read_text()),
          "ranks": exported["ranks"], "total_rank": sum(exported["ranks"].values()),
-         "engine": live.engine.kind, "world_size": job.proc.world_size},
+         "engine": live.engine.kind, "world_size": job.proc.world_size, "fsdp_shard_size": job.shard_size if live.engine.kind in ("fsdp1", "fsdp2") else None},
         indent=2))
     return run.adapter

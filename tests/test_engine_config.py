@@ -7,10 +7,11 @@ import pytest
 
 from scale_rank.config import ConfigError, ModelConfig, TrainConfig, load_config
 from scale_rank.ds_config import load_ds_config, micro_batch_size
-from scale_rank.engine import adopt_launcher_precision, refuse_unsupported, resolve_engine
+from scale_rank.engine import adopt_launcher_precision, fsdp_shard_size, refuse_unsupported, resolve_engine
 
 LAUNCHER_VARS = ["ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED",
-                 "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_MIXED_PRECISION"]
+                 "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_MIXED_PRECISION", "FSDP_SHARDING_STRATEGY",
+                 "LOCAL_WORLD_SIZE", "PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "PARALLELISM_CONFIG_DP_SHARD_SIZE"]
 
 
 @pytest.fixture(autouse=True)
@@ -116,3 +117,24 @@ def test_fp16_overflow_step_is_detected_and_not_scored():
     controller.apply()
     assert controller.step_count == 0 and torch.equal(method.tracker.i_bar, ema_before)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_hybrid_sharding_from_the_config_or_accelerates_environment(monkeypatch):
+    assert fsdp_shard_size(TrainConfig(), "fsdp2", 8) == 8  # full sharding
+    assert fsdp_shard_size(TrainConfig(fsdp_shard_size=4), "fsdp1", 8) == 4
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")  # FSDP1 yaml: within a machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert fsdp_shard_size(TrainConfig(), "fsdp1", 8) == 2
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "2")  # FSDP2 yaml: parallelism_config
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_SHARD_SIZE", "4")
+    assert fsdp_shard_size(TrainConfig(), "fsdp2", 8) == 4
+    assert fsdp_shard_size(TrainConfig(fsdp_shard_size=8), "fsdp2", 8) == 8  # the config wins
+    with pytest.raises(ConfigError, match="2 replicas x 4 shards, but 4 processes"):
+        fsdp_shard_size(TrainConfig(), "fsdp2", 4)
+
+
+@pytest.mark.parametrize("size,kind,match", [(3, "fsdp2", "divides the world size"), (1, "fsdp1", "engine=ddp"),
+                                             (2, "deepspeed", "is for FSDP")])
+def test_impossible_hybrid_sharding_is_refused(size, kind, match):
+    with pytest.raises(ConfigError, match=match):
+        fsdp_shard_size(TrainConfig(fsdp_shard_size=size), kind, 4)

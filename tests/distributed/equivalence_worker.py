@@ -21,6 +21,8 @@ STEPS = 10
 def engine_overrides(engine: str) -> list[str]:
     if engine in ("zero2", "zero3", "zero3_offload"):
         return [f"train.deepspeed_config=ds_configs/{engine}.json"]
+    if engine.endswith("_hybrid"):  # 2 replicas x 2 shards (4 processes)
+        return [f"train.engine={engine.removesuffix('_hybrid')}", "train.fsdp_shard_size=2"]
     return [f"train.engine={engine}"]
 
 
@@ -34,6 +36,16 @@ def recorder(record: dict):
     return observe
 
 
+def sharding(engine) -> str:
+    """How the first trainable parameter is laid out: FSDP2's mesh shape, FSDP1's strategy, else the kind."""
+    if engine.kind == "fsdp2":
+        param = next(p for p in engine.model.parameters() if p.requires_grad)
+        return f"mesh {tuple(param.device_mesh.shape)}"
+    if engine.kind == "fsdp1":
+        return str(engine.model.sharding_strategy.name)
+    return engine.kind
+
+
 def main() -> int:
     args = sys.argv[1:]
     extra = args[args.index("--") + 1:] if "--" in args else []
@@ -43,7 +55,8 @@ def main() -> int:
         items = overrides(Path(model_dir), out_dir / f"{engine}_{method}", method, steps=STEPS)
         items += engine_overrides(engine) + [f"model.quantization={quantization}"] + extra
         record = {"masks": [], "losses": [], "scores": []}
-        train(load_config(None, items), progress=False, observer=recorder(record))
+        result = train(load_config(None, items), progress=False, observer=recorder(record))
+        record["sharding"] = sharding(result.engine)
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save(record, out_dir / f"{engine}_{method}_rank{rank}.pt")
     return 0

@@ -22,6 +22,7 @@ WORKER = Path(__file__).with_name("equivalence_worker.py")
 METHODS = sorted(FAST_METHODS)
 ENGINES = ["ddp", "fsdp2", "fsdp1", "zero2", "zero3", "zero3_offload"]
 QUANTIZED = [("nf4", "ddp"), ("nf4", "fsdp2"), ("nf4", "zero3"), ("int8", "ddp")]
+SCORING_METHODS = ("adalora", "increlora")  # last_scores holds what their decisions rest on
 LOSS_ATOL = 1e-4  # float32 sums in another order (gradient averaging, sharded reductions)
 # Token losses over a 30k vocabulary drift more: ZeRO-3 PRILoRA reached 3.3e-3 by step 10, with or without
 # checkpointing (DDP, FSDP: < 1e-4); the decisions stay identical.
@@ -49,23 +50,27 @@ def reference(model_dir: Path, tmp_path: Path, method: str, quantization: str, e
 
 
 def check_engine(engine: str, quantization: str, methods: list[str], model_dir: Path, tmp_path: Path,
-                 extra: tuple = (), loss_atol: float = LOSS_ATOL, scores_rtol: float | None = None) -> None:
-    """Masks on both ranks equal 1 process's at every step, and losses within `loss_atol`; with `scores_rtol`
+                 extra: tuple = (), loss_atol: float = LOSS_ATOL, scores_rtol: float | None = None,
+                 nproc: int = 2) -> None:
+    """Masks on every rank equal 1 process's at every step, and losses within `loss_atol`; with `scores_rtol`
     also the scores behind every decision (rank 0 decides)."""
     code = run_workers(WORKER, tmp_path, [engine, str(model_dir), quantization, *methods,
-                                          *(["--", *extra] if extra else [])])
+                                          *(["--", *extra] if extra else [])], nproc=nproc)
     assert code == 0, (tmp_path / "output.txt").read_text()[-4000:]
     for method in methods:
-        ranks = [torch.load(tmp_path / f"{engine}_{method}_rank{r}.pt") for r in (0, 1)]
+        ranks = [torch.load(tmp_path / f"{engine}_{method}_rank{r}.pt") for r in range(nproc)]
         ref = reference(model_dir, tmp_path, method, quantization, extra)
-        for step, (m0, m1, expected) in enumerate(zip(ranks[0]["masks"], ranks[1]["masks"], ref["masks"]), 1):
-            assert torch.equal(m0, m1), f"{engine}/{method}: ranks disagree at step {step}"
-            assert torch.equal(m0, expected), f"{engine}/{method}: differs from 1 process at step {step}"
+        for step, expected in enumerate(ref["masks"], 1):
+            for r, record in enumerate(ranks):
+                assert torch.equal(record["masks"][step - 1], ranks[0]["masks"][step - 1]), \
+                    f"{engine}/{method}: rank {r} disagrees with rank 0 at step {step}"
+            assert torch.equal(ranks[0]["masks"][step - 1], expected), \
+                f"{engine}/{method}: differs from 1 process at step {step}"
         assert len(ranks[0]["masks"]) == len(ref["masks"])
         torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(ref["losses"]),
                                    rtol=0, atol=loss_atol, msg=f"{engine}/{method} losses")
         assert (tmp_path / f"{engine}_{method}" / "adapter" / "adapter_config.json").is_file()
-        if scores_rtol is not None:
+        if scores_rtol is not None and method in SCORING_METHODS:
             assert any(s.numel() for s in ref["scores"]), f"{method} made no decision to compare"
             for step, (got, expected) in enumerate(zip(ranks[0]["scores"], ref["scores"]), 1):
                 torch.testing.assert_close(got, expected, rtol=scores_rtol, atol=0,
@@ -94,6 +99,18 @@ def test_gradient_clipping_matches_one_process(engine, model_dir, tmp_path):
     the scores told its coefficient first), and decisions, losses and the scores behind them equal 1 process's."""
     check_engine(engine, "none", ["adalora", "increlora"], model_dir, tmp_path, ("train.max_grad_norm=0.01",),
                  scores_rtol=1e-3)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2_hybrid", "fsdp1_hybrid"])
+def test_hybrid_sharding_matches_one_process(engine, model_dir, tmp_path):
+    """4 processes as 2 replicas x 2 shards (train.fsdp_shard_size=2): the replicated copies are scored once,
+    so decisions, losses and the scores behind them equal 1 process's, with gradient clipping active too."""
+    check_engine(engine, "none", ["adalora", "prilora"], model_dir, tmp_path, scores_rtol=1e-3, nproc=4)
+    layout = torch.load(tmp_path / f"{engine}_adalora_rank0.pt")["sharding"]
+    assert layout == {"fsdp2_hybrid": "mesh (2, 2)", "fsdp1_hybrid": "HYBRID_SHARD"}[engine]
+    (tmp_path / "clipped").mkdir()
+    check_engine(engine, "none", ["adalora"], model_dir, tmp_path / "clipped", ("train.max_grad_norm=0.01",),
+                 scores_rtol=1e-3, nproc=4)
 
 
 @pytest.fixture(scope="module")

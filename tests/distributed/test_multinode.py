@@ -104,3 +104,21 @@ def test_deepspeed_with_a_hostfile(model_dir, one_process, tmp_path):
                 "127.0.0.1", "--master_port", port, TRAIN, "--deepspeed", "ds_configs/zero3.json", *settings]
                for node in (0, 1)], tmp_path)
     check(tmp_path, one_process, "zero3")
+
+
+@pytest.mark.parametrize("config", ["multinode_fsdp2_hybrid", "multinode_fsdp1_hybrid"])
+def test_accelerate_hybrid_sharding_on_two_machines(config, model_dir, one_process, tmp_path):
+    """2 machines x 2 processes: each machine shards, the machines replicate (FSDP1 HYBRID_SHARD within a
+    machine; FSDP2 a 2 x 2 mesh from the yaml's parallelism_config, sized here on the command line)."""
+    accelerate = shutil.which("accelerate")
+    port = str(_free_port())
+    sizes = ["--parallelism_config_dp_replicate_size", "2", "--parallelism_config_dp_shard_size", "2"] \
+        if "fsdp2" in config else []
+    run_nodes([[accelerate, "launch", "--config_file", f"launch/accelerate/{config}.yaml", "--machine_rank",
+                str(node), "--num_machines", "2", "--num_processes", "4", *sizes, "--main_process_ip", "127.0.0.1",
+                "--main_process_port", port, TRAIN, "--no-progress",
+                *overrides(model_dir, tmp_path / "run", "adalora", steps=STEPS)] for node in (0, 1)], tmp_path)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 4 and metrics["engine"] == config.split("_")[1]
+    assert metrics["fsdp_shard_size"] == 2
+    assert decisions(tmp_path / "run") == one_process
