@@ -49,19 +49,22 @@ INITS = ("lora", "paper")
 class SVDFormConfig(MethodConfig):
     """Fields of the SVD-form methods (AdaLoRA, IncreLoRA): B diag(lam) A with a sensitivity score.
 
-    init "lora" (default): A Kaiming-uniform, B = 0, lam = 1, so the adapter starts as a LoRA adapter and
-    learns from the first step (docs/methods.md, "The stall"). init "paper": the papers' exact start,
-    lam = 0 and A, B ~ N(0, 0.02), whose update is second order in the parameters and stalls short runs.
+    init "lora" (default): A Kaiming-uniform, B = 0, every active lam = init_lam, so the adapter starts as a
+    LoRA adapter with update scale alpha x init_lam and learns from the first step (docs/methods.md, "The
+    stall"). init "paper": the papers' exact start, lam = 0 and A, B ~ N(0, 0.02), whose update is second
+    order in the parameters and stalls short runs (init_lam does not apply).
     """
 
     gamma: float = 0.1
     init: str = "lora"
+    init_lam: float = 0.5  # with AdaLoRA's alpha 32: a LoRA adapter's alpha 16 (docs/methods.md, "The stall")
     beta1: float = 0.85
     beta2: float = 0.85
 
     def validate(self, total_steps: int | None) -> None:
         super().validate(total_steps)
         _choice("method.init", self.init, INITS)
+        _positive("method.init_lam", self.init_lam)
         _beta("method.beta1", self.beta1)
         _beta("method.beta2", self.beta2)
 
@@ -141,6 +144,9 @@ class SoRAConfig(MethodConfig):
 class IncreLoRAConfig(SVDFormConfig):
     name: str = "increlora"
     alpha: float = 8.0
+    # its start is one component of scale alpha / r_start = 8: lam 1 is half a LoRA alpha-16 adapter's scale,
+    # and lam 2 (the full scale in one component) diverged at 2.5x the recipe lr (docs/methods.md)
+    init_lam: float = 1.0
     r_start: int = 1
     r_target: int = 4  # average rank per module at the end of growth
     r_max: int = 12  # fixed capacity per module (active + reserve components)

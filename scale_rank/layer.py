@@ -107,15 +107,15 @@ class AdaptiveLoRALayer(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
-    def init_svd_form(self, init: str) -> None:
+    def init_svd_form(self, init: str, lam: float) -> None:
         """Start of AdaLoRA / IncreLoRA adapters (docs/methods.md): "paper" lam = 0 and A, B ~ N(0, 0.02);
-        "lora" A Kaiming-uniform, B = 0, lam = 1 (the adapter starts as a LoRA adapter)."""
+        "lora" A Kaiming-uniform, B = 0, every lam = `lam` (the adapter starts as a LoRA adapter)."""
         if init == "paper":
             self.init_gaussian(0.02)
             nn.init.zeros_(self.lora_lam.data)
         else:
             self.init_kaiming_zero()
-            nn.init.ones_(self.lora_lam.data)
+            nn.init.constant_(self.lora_lam.data, lam)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

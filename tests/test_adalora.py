@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import scale_rank as sr
-from scale_rank.config import ConfigError, method_config
+from scale_rank.config import AdaLoRAConfig, ConfigError, LoRAConfig, method_config
 from scale_rank.methods.adalora import keep_top
 from scale_rank.schedules import cubic_budget
 
@@ -273,12 +273,24 @@ def test_paper_init_is_lam_zero_and_gaussian_factors():
 
 
 def test_default_init_starts_as_a_lora_adapter():
-    """init "lora": A Kaiming-uniform, B = 0, lam = 1, so the first step already trains B (first order)."""
+    """init "lora": A Kaiming-uniform, B = 0, lam = init_lam (0.5), so the first step already trains B (first
+    order), with the update scale alpha x init_lam of a LoRA adapter."""
     run = Run("adalora", total_steps=10, r_init=6, r_target=2, t_init=1, t_final=1, alpha=24.0)
     ids, labels = fixed_batches()[0]
     run.model(input_ids=ids, labels=labels).loss.backward()
     for layer in run.layers:
-        assert torch.all(layer.lora_lam == 1) and torch.all(layer.lora_B == 0)
+        assert torch.all(layer.lora_lam == 0.5) and torch.all(layer.lora_B == 0)
         assert float(layer.lora_A.detach().abs().max()) <= 1 / math.sqrt(layer.d_in) + 1e-6
         assert float(layer.scale) == pytest.approx(24.0 / 6)
         assert float(layer.lora_B.grad.abs().max()) > 0
+
+
+def test_the_default_start_has_the_default_loras_update_scale():
+    """alpha / r_init per component x r_init components x init_lam = alpha x init_lam: with AdaLoRA's defaults
+    (alpha 32, init_lam 0.5) the 16 of LoRA's default alpha. Starting at AdaLoRA's full alpha (init_lam 1)
+    trained like a LoRA of twice the step and diverged at 2.5x the recipe lr (docs/methods.md, "The stall")."""
+    assert AdaLoRAConfig().alpha * AdaLoRAConfig().init_lam == LoRAConfig().alpha
+    run = Run("adalora", total_steps=10, r_init=6, r_target=2, t_init=1, t_final=1, init_lam=1.0)
+    assert all(torch.all(layer.lora_lam == 1) for layer in run.layers)
+    with pytest.raises(ConfigError, match="method.init_lam"):
+        AdaLoRAConfig(init_lam=0).validate(100)

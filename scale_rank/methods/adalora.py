@@ -30,7 +30,7 @@ class AdaLoRA(Method):
         return config.r_init
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
-        layer.init_svd_form(self.config.init)
+        layer.init_svd_form(self.config.init, self.config.init_lam)
         layer.scale.fill_(self.config.alpha / self.config.r_init)
 
     def bind(self, layers, access, comm) -> None:

@@ -46,7 +46,7 @@ class IncreLoRA(Method):
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
         cfg = self.config
-        layer.init_svd_form(cfg.init)
+        layer.init_svd_form(cfg.init, cfg.init_lam)
         with torch.no_grad():
             layer.lora_lam[cfg.r_start:] = 0.0
             layer.lora_lam[cfg.r_start:cfg.r_start + self.incre_rank] = cfg.reserve_lam
