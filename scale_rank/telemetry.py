@@ -407,26 +407,28 @@ class WandbSink(TelemetrySink):
                               mode=mode, config=config, name=name or run_dir.name,
                               id=run_id, resume="allow", reinit="finish_previous")
         self.last: RankTable | None = None
+        self.step = 0  # wandb drops anything logged to a step below one it has seen
 
     def log_event(self, step: int, table: RankTable) -> None:
-        self.run.log(scalars(table), step=step)
+        self.log_metrics(step, scalars(table))
         self.last = table
 
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=step)
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        self.step = max(self.step, step)
+        self.run.log(metrics, step=self.step)
 
     def close(self) -> None:
         wandb, run = self.wandb, self.run
         try:
-            if self.last is not None:
+            if self.last is not None:  # at the end of training, after the last decision's step
                 plt = _pyplot()
                 fig = heatmap_figure(self.last)
-                run.log({"rank/heatmap": wandb.Image(fig)}, step=self.last.step)
+                self.log_metrics(self.last.step, {"rank/heatmap": wandb.Image(fig)})
                 plt.close(fig)
                 columns = ["module", "layer", "type", "rank", "capacity", "score"]
                 data = [[r.module, r.layer, r.kind, r.rank, r.capacity, r.score] for r in self.last.rows]
                 table = wandb.Table(columns=columns, data=data)
-                run.log({"rank/final_table": table}, step=self.last.step)
+                self.log_metrics(self.last.step, {"rank/final_table": table})
                 artifact = wandb.Artifact(f"final_ranks-{run.id}", type="rank_table")
                 artifact.add(table, "final_ranks")
                 run.log_artifact(artifact)
