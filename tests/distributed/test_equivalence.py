@@ -93,7 +93,7 @@ def test_gradient_accumulation_observes_once_per_optimizer_step(engine, model_di
     check_engine(engine, "none", ["adalora", "increlora"], model_dir, tmp_path, ("train.grad_accum=2",))
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_gradient_clipping_matches_one_process(engine, model_dir, tmp_path):
     """train.max_grad_norm below every step's norm: each engine clips its own way (DeepSpeed inside its step,
     the scores told its coefficient first), and decisions, losses and the scores behind them equal 1 process's."""
