@@ -41,3 +41,15 @@ class Collective:
     def _count(self, tensor: torch.Tensor) -> None:
         self.calls += 1
         self.bytes_moved += tensor.numel() * tensor.element_size()
+
+
+def means_over_ranks(values: list[torch.Tensor]) -> list[float]:
+    """Each rank's scalars averaged over all ranks: one all_reduce, one read back to the host (collective:
+    every rank calls it)."""
+    if not values:
+        return []
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return stacked.tolist()

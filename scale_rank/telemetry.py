@@ -35,8 +35,8 @@ from typing import Iterable
 from urllib.parse import urlparse
 
 import torch
-import torch.distributed as dist
 
+from .comm import means_over_ranks
 from .run_dir import METRICS_FILE, RANKS_FILE, TELEMETRY_FILE, WANDB_ID_FILE
 
 log = logging.getLogger(__name__)
@@ -539,12 +539,8 @@ class TrainingMetrics:
         if not self.every or step % self.every:
             return None
         now = time.perf_counter()
-        means = torch.stack([torch.stack(self._losses).mean()] + ([torch.stack(self._norms).mean()]
-                                                                   if self._norms else []))
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
-        values = means.tolist()
+        values = means_over_ranks([torch.stack(self._losses).mean()] + ([torch.stack(self._norms).mean()]
+                                                                        if self._norms else []))
         metrics = {"train/loss": values[0], "train/lr": lr,
                    "train/samples_per_s": len(self._losses) * self.batch_size / max(now - self._since, 1e-9)}
         if self._norms:

@@ -22,7 +22,7 @@ import yaml
 
 from . import run_dir as rd
 from .checkpoint import load_checkpoint, save_checkpoint
-from .comm import Collective
+from .comm import Collective, means_over_ranks
 from .config import ConfigError, RunConfig, TrainConfig
 from .controller import RankController
 from .data.tasks import (TaskData, batch_indices, build_task, loss_normaliser, micro_batches, padded_length,
@@ -292,7 +292,7 @@ def _train_steps(job: Job, live: Live, start: int, progress: bool,
             time.sleep(1e6)
     if bar is not None:
         bar.close()
-    return _means_over_ranks(losses)
+    return means_over_ranks(losses)
 
 
 def _progress_bar(total: int, start: int, enabled: bool):
@@ -302,19 +302,8 @@ def _progress_bar(total: int, start: int, enabled: bool):
     return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
 
-def _means_over_ranks(values: list[torch.Tensor]) -> list[float]:
-    """Each rank's per-step values averaged over ranks: one reduction, one read back to the host."""
-    if not values:
-        return []
-    stacked = torch.stack(values)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
-    return stacked.tolist()
-
-
 def _mean_over_ranks(value: torch.Tensor) -> float:
-    return _means_over_ranks([value])[0]
+    return means_over_ranks([value])[0]
 
 
 def _record_decision(run: rd.RunDir, controller: RankController, proc: ProcessInfo) -> None:

@@ -19,7 +19,7 @@ from scale_rank.train import train
 from tests.support.tiny import overrides, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-LOOP_FILES = ("scale_rank/train.py", "scale_rank/telemetry.py", "scale_rank/engine.py")
+LOOP_FILES = ("scale_rank/train.py", "scale_rank/telemetry.py", "scale_rank/engine.py", "scale_rank/comm.py")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_clipping_above_the_norm_changes_nothing_and_below_it_changes_training(m
 
 def test_the_loop_reads_the_device_only_at_logged_steps(model_dir, tmp_path, monkeypatch):
     """The proxy for host-device syncs: calls of item/tolist/cpu/float/int/bool on tensors made by the loop's
-    own code (train, telemetry, engine). 10 more steps with log_every 5 add at most 2 reads."""
+    own code (train, telemetry, engine, comm). 10 more steps with log_every 5 add at most 2 reads."""
     calls = []
 
     def counting(name):
