@@ -162,6 +162,47 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
+def uniform_dtype_units(model: nn.Module) -> set[nn.Module]:
+    """The modules FSDP1 wraps as units of their own: the transformer blocks, plus what keeps every unit's
+    FlatParameter to one dtype.
+
+    The root's and every block's unit holds the dtype of most of the model's parameters (the frozen base).
+    Walking down, a module whose own parameters have another dtype starts a unit of that dtype, and so on
+    inside it: with a 16-bit base, each adapter layer (float32 A, B, lam) and each float32 task head is a
+    unit, and inside each adapter layer its 16-bit base linear is one again. With one dtype throughout the
+    units are the blocks alone.
+    """
+    blocks = set(transformer_blocks(model))
+    base = _majority_dtype(model)
+    units: set[nn.Module] = set()
+
+    def visit(name: str, module: nn.Module, unit_dtype: torch.dtype) -> None:
+        own = {p.dtype for p in module.parameters(recurse=False)}
+        if len(own) > 1:
+            raise ValueError(f"FSDP1 cannot flatten {name or 'the model'}: its own parameters mix dtypes "
+                             f"{sorted(map(str, own))}; store them in one dtype or use train.engine=fsdp2")
+        if module in blocks:
+            units.add(module)
+            unit_dtype = base
+        if own and own != {unit_dtype}:
+            units.add(module)
+            unit_dtype = own.pop()
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child, unit_dtype)
+
+    visit("", model, base)
+    units.discard(model)  # the root is always a unit
+    return units
+
+
+def _majority_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype that holds most parameter elements (the frozen base's storage dtype)."""
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return max(counts, key=counts.get)
+
+
 class TrainingEngine:
     """Forward/backward/step for one engine kind, with the shard access the controller needs."""
 
@@ -190,9 +231,9 @@ class TrainingEngine:
             self.model = fully_shard(model, mesh=mesh)
         elif kind == "fsdp1":
             from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-            blocks = transformer_blocks(model)
-            policy = ModuleWrapPolicy({type(blocks[0])}) if blocks else None
+            from torch.distributed.fsdp.wrap import CustomPolicy
+            units = uniform_dtype_units(model)
+            policy = CustomPolicy(lambda module: module in units) if units else None
             hybrid = {"sharding_strategy": ShardingStrategy.HYBRID_SHARD, "device_mesh": mesh} if mesh else {}
             self.model = FullyShardedDataParallel(
                 model, use_orig_params=True, auto_wrap_policy=policy,

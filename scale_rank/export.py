@@ -393,7 +393,8 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, object, dict]:
     if cfg.train.total_steps is None:
         # Schedules are not used by an export, but some methods validate that a length exists.
         cfg.train.total_steps = int(meta.get("total_steps") or 10**9)
-    model, tokenizer, _ = build_adapted_model(cfg, int(meta["num_labels"]))
+    # float32 base, whatever the run stored: the rebuilt model runs without autocast, and merges lose nothing
+    model, tokenizer, _ = build_adapted_model(cfg, int(meta["num_labels"]), precision="fp32")
     load_trainable(model, final / TRAINABLE_FILE)
     model.eval()
     return model, tokenizer, meta

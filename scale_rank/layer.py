@@ -73,11 +73,11 @@ class AdaptiveLoRALayer(nn.Module):
         self.base_layer = base
         self.d_in, self.d_out, self.r_max = d_in, d_out, r_max
         self.site, self.layer_index, self.kind = site, layer_index, kind
-        weight = base.weight
-        # The base's storage dtype (a 4-bit base packs into a float storage dtype: bnb_4bit_quant_storage),
-        # so that engines that flatten or shard parameters see one dtype; integer storage (8-bit): float32.
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        device = weight.device
+        # Float32 whatever the base stores (16-bit, 4-bit packed, 8-bit): adapters train, and 16-bit weights
+        # and AdamW moments lose small updates. DeepSpeed casts them to its 16-bit model copy itself (with
+        # float32 masters); FSDP1 wraps them apart from a 16-bit base (engine.uniform_dtype_units).
+        dtype = torch.float32
+        device = base.weight.device
         self.lora_A = nn.Parameter(torch.zeros(r_max, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r_max, dtype=dtype, device=device))
         self.lora_lam = nn.Parameter(torch.ones(r_max, dtype=dtype, device=device))

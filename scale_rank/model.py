@@ -45,22 +45,21 @@ def model_config(name_or_path: str, **kwargs):
         raise ConfigError(f"cannot load model {name_or_path!r}: {first}") from error
 
 
-def storage_dtype(precision: str, engine_kind: str = "single"):
-    """The dtype the base model is loaded in.
+def storage_dtype(precision: str):
+    """The dtype the frozen base is stored in: the training precision's 16-bit dtype (bf16 / fp16), else
+    float32, under every engine.
 
-    DeepSpeed casts the module to its bf16/fp16 setting and keeps float32 masters of what trains, so its base
-    is loaded in that dtype (half the host memory). The torch engines (one process, DDP, FSDP) train what
-    they store, so they load everything in float32 and compute in bf16/fp16 through autocast: the adapters
-    and their AdamW moments are float32 (never half-precision updates), and FSDP sees one dtype.
+    What trains is float32 (adapters are created so, task heads are cast by `train_in_float32`), so AdamW
+    updates and moments are never 16-bit; the torch engines compute in 16 bits through autocast, DeepSpeed
+    casts what trains to its 16-bit model copy and keeps float32 masters.
     """
     import torch
 
     from .engine import precision_dtype
-    half = precision_dtype(precision)
-    return half if engine_kind == "deepspeed" and half is not None else torch.float32
+    return precision_dtype(precision) or torch.float32
 
 
-def quantization_config(model_cfg: ModelConfig, precision: str = "fp32", engine_kind: str = "single"):
+def quantization_config(model_cfg: ModelConfig, precision: str = "fp32"):
     """transformers' BitsAndBytesConfig for `model.quantization` (None for "none").
 
     4-bit weights are stored in the dtype of the other parameters (bnb_4bit_quant_storage, `storage_dtype`) so
@@ -74,7 +73,7 @@ def quantization_config(model_cfg: ModelConfig, precision: str = "fp32", engine_
 
     from .engine import precision_dtype
     compute = precision_dtype(precision) or torch.float32
-    dtype = storage_dtype(precision, engine_kind)
+    dtype = storage_dtype(precision)
     skip = list(model_cfg.trainable if model_cfg.trainable is not None else DEFAULT_TRAINABLE)
     skip += ["lm_head"]  # output embeddings stay unquantized (transformers' default, lost when skip is given)
     if model_cfg.quantization == "int8":
@@ -170,22 +169,36 @@ def check_context(cfg: RunConfig) -> None:
                           f"{cfg.model.name_or_path} ({limit} positions); lower data.max_length to <= {limit}")
 
 
-def build_adapted_model(cfg: RunConfig, num_labels: int, engine_kind: str = "single") -> tuple[nn.Module, object, Method]:
+def build_adapted_model(cfg: RunConfig, num_labels: int, precision: str | None = None
+                        ) -> tuple[nn.Module, object, Method]:
     """Load the base model of `cfg` and attach the method's adapters (base frozen, heads trainable).
 
-    Seeded with train.seed: a random-init base and the adapters' init are the same in every rebuild.
+    The frozen base is stored in `storage_dtype(precision)` (default: train.precision), what trains in
+    float32. Seeded with train.seed: a random-init base and the adapters' init are the same in every rebuild.
     """
     import torch
 
     from .data.tasks import task_kind
     torch.manual_seed(cfg.train.seed)
-    precision = cfg.train.precision
+    precision = precision or cfg.train.precision
     model, tokenizer = load_model(cfg.model.name_or_path, task_kind(cfg.data), num_labels, cfg.model.random_init,
-                                  quantization_config(cfg.model, precision, engine_kind),
-                                  storage_dtype(precision, engine_kind))
+                                  quantization_config(cfg.model, precision), storage_dtype(precision))
     method = adapt(model, cfg.method, cfg.train.total_steps, cfg.model.targets, cfg.model.trainable)
+    train_in_float32(model)
     enable_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
     return model, tokenizer, method
+
+
+def train_in_float32(model: nn.Module) -> None:
+    """Cast every trainable parameter that is not float32 (task heads loaded with a 16-bit base) to float32,
+    in place, so tied parameters stay tied. Frozen parameters keep their storage dtype; adapters are created
+    in float32."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
 
 
 def enable_gradient_checkpointing(model: nn.Module, mode: bool | str) -> None:

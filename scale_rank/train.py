@@ -195,7 +195,7 @@ def resolve_job(cfg: RunConfig, proc: ProcessInfo) -> Job:
 
 def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserver | None) -> RunResult:
     cfg, proc, task = job.cfg, job.proc, job.task
-    model, _, method = build_adapted_model(cfg, cfg.model.num_labels or task.num_labels, job.engine_kind)
+    model, _, method = build_adapted_model(cfg, cfg.model.num_labels or task.num_labels)
     layers = adapter_layers(model)
     groups = method.optimizer_groups(layers, cfg.train.lr, cfg.train.weight_decay)
     adapter_ids = {id(p) for g in groups for p in g["params"]}

@@ -50,15 +50,11 @@ def test_closed_form_numbers_llama3_8b():
 
 # -- exact measurements on a tiny Llama (CPU, random init) ---------------------------------------------
 def tiny_llama(method: str, **options):
-    """The shipped tiny Llama in bf16 with float32 adapters of `method` (as the planner assumes)."""
+    """The shipped tiny Llama in bf16 with (always float32) adapters of `method`, as the planner assumes."""
     torch.manual_seed(0)
     config = load_model_config("tiny_llama")
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     strategy = adapt(model, method_config(method, **options), STEPS, trainable=[])
-    for layer in adapter_layers(model):
-        for param in (layer.lora_A, layer.lora_B, layer.lora_lam):
-            param.data = param.data.float()
-        layer.active.data = layer.active.data.float()
     plan = plan_adapters(model_geometry(config), method_config(method, **options))
     return model, strategy, plan
 

@@ -101,10 +101,9 @@ def notes(geometry: ModelGeometry, inputs: PlanInputs) -> tuple[str, ...]:
         "every head); checked against traced CPU runs (bench/plan_validation.py)",
         f"adapters in {'float32' if inputs.adapter_bytes == 4 else '16-bit'} with AdamW moments in the same "
         "dtype",
-        "scale_rank's trainer (scale_rank.model.storage_dtype): under ZeRO the base is stored in 16-bit as "
-        "planned here; under DDP / FSDP it is stored in float32 (bf16 compute through autocast, float32 "
-        "adapters), so a 16-bit base takes twice this plan's weight line there (4-bit weights pack into the "
-        "float32 storage: same bytes; the unquantized rest doubles)",
+        "scale_rank's trainer with train.precision bf16 / fp16 stores the frozen base in 16-bit under every "
+        "engine, as planned here (scale_rank.model.storage_dtype; 4-bit weights pack into that dtype), and "
+        "what trains in float32",
         "not counted: the host-side controller state (masks, PRILoRA's float64 norm EMA), allocator "
         "fragmentation beyond the reserve",
     ]
