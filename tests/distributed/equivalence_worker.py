@@ -1,5 +1,5 @@
 """Worker: train every requested method through scale_rank.train under one engine, recording each step's
-global mask and loss on this rank.  Usage (under torchrun):
+global mask and loss on this rank, and what the rank stores at the end.  Usage (under torchrun):
     equivalence_worker.py OUT_DIR ENGINE MODEL_DIR QUANTIZATION METHOD [METHOD ...] [-- SECTION.KEY=VALUE ...]
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch.distributed as dist
 from scale_rank.config import load_config
 from scale_rank.engine import exit_processes
 from scale_rank.train import train
+from tests.support.storage import storage_report
 from tests.support.tiny import overrides
 
 STEPS = 10
@@ -57,6 +58,7 @@ def main() -> int:
         record = {"masks": [], "losses": [], "scores": []}
         result = train(load_config(None, items), progress=False, observer=recorder(record))
         record["sharding"] = sharding(result.engine)
+        record["storage"] = storage_report(result.engine.model, result.engine.optimizer)
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save(record, out_dir / f"{engine}_{method}_rank{rank}.pt")
     return 0
