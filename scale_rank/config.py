@@ -144,10 +144,10 @@ class SoRAConfig(MethodConfig):
 class IncreLoRAConfig(SVDFormConfig):
     name: str = "increlora"
     alpha: float = 8.0
-    # its start is one component of scale alpha / r_start = 8: lam 1 is half a LoRA alpha-16 adapter's scale,
-    # and lam 2 (the full scale in one component) diverged at 2.5x the recipe lr (docs/methods.md)
+    # with the default start, r_start components of scale alpha / r_start each: in all half a LoRA alpha-16
+    # adapter's scale; the full scale diverged at 2.5x the recipe lr (docs/methods.md, "The stall")
     init_lam: float = 1.0
-    r_start: int = 1
+    r_start: int | None = None  # None: r_target // 2 (at least 1) with init "lora"; 1 (official) with "paper"
     r_target: int = 4  # average rank per module at the end of growth
     r_max: int = 12  # fixed capacity per module (active + reserve components)
     incre_rank: int | None = None  # components a module gains per event; None: r_target // 2, at least 1 (official)
@@ -156,28 +156,47 @@ class IncreLoRAConfig(SVDFormConfig):
     t_init: int | None = None  # warmup before growth; None: 10% of total steps
     restart_warmup: int | None = None  # None: incre_interval
     reserve_lam: float = 1e-5
+    # "rebalance": an activated component's lam jumps to init_lam and its B column shrinks by the same factor
+    # (B diag(lam) A unchanged), so it trains at the start components' pace; "reserve": lam grows from
+    # reserve_lam, the official code's way (docs/methods.md, "Activation"). None: "rebalance" with init
+    # "lora", "reserve" with "paper"
+    activation: str | None = None
     score: str = "component"  # "component" (shard-friendly) or "dense" (official code, one process)
     scale_rule: str = "fixed"  # "fixed": alpha / r_start; "rank": alpha / current rank (official code)
 
     def resolved_incre_rank(self) -> int:
         return self.incre_rank if self.incre_rank is not None else max(1, self.r_target // 2)
 
+    def resolved_r_start(self) -> int:
+        """Start rank per module: as given, else half the target with the default start, 1 with the papers'."""
+        if self.r_start is not None:
+            return self.r_start
+        return 1 if self.init == "paper" else max(1, self.r_target // 2)
+
+    def resolved_activation(self) -> str:
+        if self.activation is not None:
+            return self.activation
+        return "reserve" if self.init == "paper" else "rebalance"
+
     def validate(self, total_steps: int | None) -> None:
         super().validate(total_steps)
-        for key in ("r_start", "r_target", "r_max", "top_h"):
+        for key in ("r_target", "r_max", "top_h"):
             _positive(f"method.{key}", getattr(self, key))
-        if self.incre_rank is not None:
-            _positive("method.incre_rank", self.incre_rank)
-        incre_rank = self.resolved_incre_rank()
+        for key in ("r_start", "incre_rank"):
+            if getattr(self, key) is not None:
+                _positive(f"method.{key}", getattr(self, key))
+        incre_rank, r_start = self.resolved_incre_rank(), self.resolved_r_start()
         _choice("method.score", self.score, ("component", "dense"))
         _choice("method.scale_rule", self.scale_rule, ("fixed", "rank"))
-        if self.r_target < self.r_start:
-            raise ConfigError(f"method.r_target ({self.r_target}) < method.r_start ({self.r_start}): "
+        _choice("method.activation", self.resolved_activation(), ("rebalance", "reserve"))
+        _non_negative("method.reserve_lam", self.reserve_lam)
+        if self.r_target < r_start:
+            raise ConfigError(f"method.r_target ({self.r_target}) < method.r_start ({r_start}): "
                               "IncreLoRA only grows")
-        if self.r_max < self.r_start + incre_rank:
+        if self.r_max < r_start + incre_rank:
             raise ConfigError(
                 f"method.r_max ({self.r_max}) must hold r_start + incre_rank reserve components "
-                f"({self.r_start + incre_rank}); raise r_max")
+                f"({r_start + incre_rank}); raise r_max")
         if self.r_target > self.r_max - incre_rank:
             raise ConfigError(
                 f"method.r_target ({self.r_target}) cannot be reached with capacity r_max={self.r_max} "

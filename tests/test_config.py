@@ -239,7 +239,11 @@ def test_method_defaults_follow_methods_md():
     ada = method_config("adalora")
     assert (ada.beta1, ada.beta2, ada.gamma) == (0.85, 0.85, 0.1)
     inc = method_config("increlora")
-    assert (inc.r_start, inc.reserve_lam, inc.gamma, inc.score, inc.scale_rule) == (1, 1e-5, 0.1, "component", "fixed")
+    assert (inc.reserve_lam, inc.gamma, inc.score, inc.scale_rule) == (1e-5, 0.1, "component", "fixed")
+    # the default start: half the target rank, activated components rebalanced; the papers': rank 1, reserve
+    assert (inc.resolved_r_start(), inc.resolved_activation()) == (inc.r_target // 2, "rebalance")
+    paper = method_config("increlora", init="paper")
+    assert (paper.resolved_r_start(), paper.resolved_activation()) == (1, "reserve")
     sora = method_config("sora")
     assert (sora.r_max, sora.alpha, sora.l1, sora.xi_mode) == (8, 16.0, 0.0, "absolute")
     pri = method_config("prilora")

@@ -178,12 +178,13 @@ def test_reserves_leave_the_model_when_growth_ends(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_restarted_warmup_scales_new_components_updates():
-    """With SGD the unscaled update is -lr * grad. As in the official code, a growth event at step a restarts
+    """With SGD the unscaled update is -lr * grad. With the official activation (`activation=reserve`), as in
+    the official code, a growth event at step a restarts
     a warmup min((t - a) / W, 1) for the activated components' lam and for the new reserves' A and B; the
     activated components' A and B (trained as reserves already) keep full steps."""
     lr, W = 0.05, 4
     run = Run("increlora", optimizer="sgd", lr=lr, total_steps=20, r_start=1, r_target=3, r_max=5,
-              incre_rank=1, top_h=3, t_init=2, incre_interval=2, restart_warmup=W)
+              incre_rank=1, top_h=3, t_init=2, incre_interval=2, restart_warmup=W, activation="reserve")
     lam_since: dict[tuple[int, int], int] = {}
     factors_since: dict[tuple[int, int], int] = {}
     state = {}
@@ -352,3 +353,39 @@ def test_official_growth_defaults():
     assert IncreLoRAConfig().top_h == 6
     run = Run("increlora", total_steps=20, r_start=1, r_target=4, r_max=6, t_init=2)
     assert run.method.incre_rank == 2 and int(run.method.reserve.sum()) == 2 * N_MODULES
+
+
+def test_rebalanced_activation_keeps_the_update_and_gives_lam_init_lam():
+    """Default `activation=rebalance`: at a growth event the activated components' lam jumps from reserve_lam to
+    init_lam and their B columns shrink by reserve_lam / init_lam, so scale * B diag(lam) A does not change;
+    with `activation=reserve` their lam keeps growing from reserve_lam (the official code)."""
+    lr = 0.05
+    settings = dict(optimizer="sgd", lr=lr, total_steps=20, r_start=1, r_target=3, r_max=5, incre_rank=1,
+                    top_h=3, t_init=2, incre_interval=2, restart_warmup=0)
+    for activation in ("rebalance", "reserve"):
+        run = Run("increlora", activation=activation, **settings)
+        init_lam, reserve = run.method.config.init_lam, run.method.config.reserve_lam
+        state, activated = {}, []
+
+        def before_observe(step):
+            state["ranks"] = run.method.ranks().tolist()
+            state["stepped"] = [(l.lora_B.detach() - lr * l.lora_B.grad, l.lora_lam.detach().clone())
+                                for l in run.layers]
+
+        def after_apply(step):
+            for k, layer in enumerate(run.layers):
+                B_stepped, lam_before = state["stepped"][k]
+                for i in range(state["ranks"][k], int(run.method.ranks()[k])):
+                    activated.append((k, i))
+                    lam = float(layer.lora_lam.detach()[i])
+                    assert lam_before[i] == RESERVE_LAM
+                    if activation == "reserve":
+                        assert lam == RESERVE_LAM
+                        torch.testing.assert_close(layer.lora_B.detach()[:, i], B_stepped[:, i])
+                        continue
+                    assert lam == init_lam
+                    torch.testing.assert_close(layer.lora_B.detach()[:, i] * lam, B_stepped[:, i] * reserve,
+                                               rtol=1e-5, atol=0.0)
+
+        run.train(fixed_batches(), 20, before_observe=before_observe, after_apply=after_apply)
+        assert len(activated) == 24  # 12 modules grow from 1 to 3

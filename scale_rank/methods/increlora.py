@@ -2,7 +2,8 @@
 
 Growth unmasks reserved capacity: every module keeps `incre_rank` reserve components whose A and B train
 while lam stays frozen at `reserve_lam` with no gradient ("advance learning"); a growing module's reserves
-become active (their lam starts training, from fresh optimizer moments) and fresh reserves are unmasked.
+become active (their lam starts training, from fresh optimizer moments; by default rebalanced to `init_lam`
+with B shrunk to match) and fresh reserves are unmasked.
 As in the official code, each growth event restarts a linear warmup for the activated lam and for the new
 reserves' A and B; the activated A and B, trained as reserves already, keep their pace. Reserves leave the
 model as soon as growth is over. docs/methods.md has the equations and every choice against paper and code.
@@ -32,6 +33,8 @@ class IncreLoRA(Method):
     def __init__(self, config: IncreLoRAConfig, total_steps: int | None):
         super().__init__(config, total_steps)
         self.incre_rank = config.resolved_incre_rank()
+        self.r_start = config.resolved_r_start()
+        self.activation = config.resolved_activation()
 
     @classmethod
     def site_capacity(cls, config: IncreLoRAConfig, layer_index: int, n_layers: int) -> int:
@@ -48,11 +51,11 @@ class IncreLoRA(Method):
         cfg = self.config
         layer.init_svd_form(cfg.init, cfg.init_lam)
         with torch.no_grad():
-            layer.lora_lam[cfg.r_start:] = 0.0
-            layer.lora_lam[cfg.r_start:cfg.r_start + self.incre_rank] = cfg.reserve_lam
+            layer.lora_lam[self.r_start:] = 0.0
+            layer.lora_lam[self.r_start:self.r_start + self.incre_rank] = cfg.reserve_lam
             layer.active.zero_()
-            layer.active[:cfg.r_start + self.incre_rank] = 1.0
-        layer.scale.fill_(cfg.alpha / cfg.r_start)
+            layer.active[:self.r_start + self.incre_rank] = 1.0
+        layer.scale.fill_(cfg.alpha / self.r_start)
         if cfg.score == "dense":
             layer.collect_dense_grad = True
             layer.dense_grad = torch.zeros(layer.d_out, layer.d_in, device=layer.lora_A.device)
@@ -63,10 +66,10 @@ class IncreLoRA(Method):
         error = self.world_size_error(cfg, comm.world_size)
         if error:
             raise ConfigError(error)
-        self.rank = torch.full((layout.n_modules,), cfg.r_start, dtype=torch.long)
-        self.mask = (layout.position < cfg.r_start).float()
-        self.reserve = ((layout.position >= cfg.r_start)
-                        & (layout.position < cfg.r_start + self.incre_rank)).float()
+        self.rank = torch.full((layout.n_modules,), self.r_start, dtype=torch.long)
+        self.mask = (layout.position < self.r_start).float()
+        self.reserve = ((layout.position >= self.r_start)
+                        & (layout.position < self.r_start + self.incre_rank)).float()
         # restarted warmups (0: none): lam from its activation, A and B from becoming a reserve at a growth event
         self.warm_since = {"lam": torch.zeros(layout.n_components, dtype=torch.long),
                            "factors": torch.zeros(layout.n_components, dtype=torch.long)}
@@ -153,9 +156,9 @@ class IncreLoRA(Method):
         return growth
 
     def apply(self, decision: torch.Tensor | None, step: int) -> None:
+        self._finish_warming(step)  # first: growth may rewrite values the warmup would blend back
         if decision is not None:
             self._grow(decision.long().cpu(), step)
-        self._finish_warming(step)
         if not self.growing:
             if self.reserve.any():
                 self._drop_reserves()
@@ -178,8 +181,27 @@ class IncreLoRA(Method):
             self.rank[k] = new_rank
             layer = self.layers[k]
             layer.active[:reserve_end] = 1.0
+            if self.activation == "rebalance":
+                self._rebalance(k, base + start, base + new_rank)
+                self.warm_since["factors"][base + start:base + new_rank] = step
             if cfg.scale_rule == "rank":
                 layer.scale.fill_(cfg.alpha / new_rank)
+
+    def _rebalance(self, k: int, first: int, end: int) -> None:
+        """Activated components [first, end) of module k: lam reserve_lam -> init_lam and their B columns times
+        reserve_lam / init_lam, so B diag(lam) A is unchanged and they train at the start component's pace."""
+        cfg, layer = self.config, self.layers[k]
+        shrink = cfg.reserve_lam / cfg.init_lam
+
+        def edit(local, kind):
+            ids = self.layout.component_index(kind, k, local.start, local.end, layer.r_max, layer.d_in)
+            hit = ((ids >= first) & (ids < end)).to(local.values.device)
+            if kind == "lam":
+                local.values.masked_fill_(hit, cfg.init_lam)
+            else:
+                local.values.mul_(torch.where(hit, shrink, 1.0).to(local.values.dtype))
+        for kind in ("lam", "B"):
+            edit_local(self.access, adapter_params(layer)[kind], lambda local, kind=kind: edit(local, kind))
 
     def _reset_reserves(self) -> None:
         """Reserve lam stays frozen at reserve_lam (their A and B train)."""
