@@ -5,6 +5,7 @@ h = W0 x + scale * B((lam * active) * (A dropout(x)))
 A (r_max x d_in), B (d_out x r_max) and lam (r_max) are parameters whose shapes never change; `active` is
 a 0/1 buffer that switches whole components in or out of the forward pass. Methods change ranks only by
 editing `active` and the values of lam / A, so every engine and optimizer sees one static parameter set.
+Plain LoRA math (LoRA, PRILoRA: lam and active fixed at 1, `gated` False) leaves the gate out of the forward.
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ class AdaptiveLoRALayer(nn.Module):
         self.register_buffer("active", torch.ones(r_max, dtype=dtype, device=device))
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gated = True  # False: lam and active stay at 1 and the forward skips them (plain LoRA's math)
         self.reg_coef: torch.Tensor | None = None
         self.last_reg: torch.Tensor | None = None
         self.collect_input_stats = False
@@ -107,6 +109,13 @@ class AdaptiveLoRALayer(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
+    def init_plain_lora(self, alpha: float) -> None:
+        """A plain LoRA adapter: Kaiming A, B = 0, scale alpha / r_max, lam fixed at 1 and left out of the forward."""
+        self.init_kaiming_zero()
+        self.lora_lam.requires_grad_(False)
+        self.gated = False
+        self.scale.fill_(alpha / self.r_max)
+
     def init_svd_form(self, init: str, lam: float) -> None:
         """Start of AdaLoRA / IncreLoRA adapters (docs/methods.md): "paper" lam = 0 and A, B ~ N(0, 0.02);
         "lora" A Kaiming-uniform, B = 0, every lam = `lam` (the adapter starts as a LoRA adapter)."""
@@ -129,7 +138,9 @@ class AdaptiveLoRALayer(nn.Module):
         x_in = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself,
             x_in = x_in.to(A.dtype)  # and no float32 copy of the activation is made and saved
-        h = (x_in @ A.t()) * (self.lora_lam * self.active.to(A.dtype))
+        h = x_in @ A.t()
+        if self.gated:
+            h = h * (self.lora_lam * self.active.to(A.dtype))
         delta = (h @ B.t()) * self.scale.to(A.dtype)
         if self.collect_dense_grad and delta.requires_grad:
             delta.register_hook(self._dense_grad_hook(x_in.detach()))

@@ -100,13 +100,15 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 def zero_some(model) -> dict[str, int]:
-    """Force rank 0 on one module and drop single components elsewhere; return the expected ranks."""
+    """Force rank 0 on one module and drop single components elsewhere; return the expected ranks. Plain LoRA
+    math (LoRA, PRILoRA) leaves lam and the mask out of the forward, so its ranks stay as trained."""
     layers = adapter_layers(model)
-    with torch.no_grad():
-        layers[0].active.zero_()  # rank 0 through the mask
-        layers[1].lora_lam.zero_()  # rank 0 through the gate
-        layers[2].active[0] = 0  # one component fewer
-        layers[3].lora_lam[1] = 0
+    if all(layer.gated for layer in layers):
+        with torch.no_grad():
+            layers[0].active.zero_()  # rank 0 through the mask
+            layers[1].lora_lam.zero_()  # rank 0 through the gate
+            layers[2].active[0] = 0  # one component fewer
+            layers[3].lora_lam[1] = 0
     return {layer.site: int((layer.lora_lam * layer.active).ne(0).sum()) for layer in layers}
 
 

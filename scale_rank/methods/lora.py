@@ -18,6 +18,4 @@ class LoRA(Method):
         return config.r
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
-        layer.init_kaiming_zero()
-        layer.lora_lam.requires_grad_(False)
-        layer.scale.fill_(self.config.alpha / layer.r_max)
+        layer.init_plain_lora(self.config.alpha)

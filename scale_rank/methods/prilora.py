@@ -37,9 +37,7 @@ class PRILoRA(Method):
         return depth_rank(layer_index + 1, n_layers, config.r_first, config.r_last)
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
-        layer.init_kaiming_zero()
-        layer.lora_lam.requires_grad_(False)
-        layer.scale.fill_(self.config.alpha / layer.r_max)
+        layer.init_plain_lora(self.config.alpha)
         layer.collect_input_stats = True
 
     def bind(self, layers, access, comm) -> None:
