@@ -12,6 +12,8 @@ class ComponentLayout:
     def __init__(self, layers: list[AdaptiveLoRALayer]):
         self.capacity = torch.tensor([layer.r_max for layer in layers], dtype=torch.long)
         self.offset = torch.cumsum(self.capacity, 0) - self.capacity
+        # host copies: per-step index arithmetic reads no tensor back
+        self.capacities, self.offsets = self.capacity.tolist(), self.offset.tolist()
         self.n_modules = len(layers)
         self.n_components = int(self.capacity.sum())
         self.module_of = torch.repeat_interleave(torch.arange(self.n_modules), self.capacity)
@@ -24,10 +26,10 @@ class ComponentLayout:
         return out.index_add_(0, self.module_of, values.cpu())
 
     def split(self, values: torch.Tensor) -> list[torch.Tensor]:
-        return list(values.split(self.capacity.tolist()))
+        return list(values.split(self.capacities))
 
     def component_index(self, kind: str, module: int, start: int, end: int, r: int, d_in: int) -> torch.Tensor:
         """Component id of each flat element [start, end) of a module's A, B or lam."""
         flat = torch.arange(start, end)
         local = {"A": flat // d_in, "B": flat % r, "lam": flat}[kind]
-        return local + int(self.offset[module])
+        return local + self.offsets[module]

@@ -37,11 +37,10 @@ def staged_linear(step: int, total_steps: int, start: float, end: float | None, 
 
 def restarted_warmup(step: int, since: torch.Tensor, length: int) -> torch.Tensor:
     """Per-item linear warmup factor, each restarted at its own step `since` (0: never restarted -> 1)."""
-    factors = torch.ones(since.shape)
-    if length > 0:
-        restarted = since > 0
-        factors[restarted] = torch.clamp((step - since[restarted]).float() / length, max=1.0)
-    return factors
+    if length <= 0:
+        return torch.ones(since.shape)
+    ramp = torch.clamp((step - since).float() / length, max=1.0)
+    return torch.where(since > 0, ramp, torch.ones(()))  # no boolean indexing: nothing is read back
 
 
 def even_interval(start: int, end: int, events: int) -> int:

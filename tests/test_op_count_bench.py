@@ -40,3 +40,17 @@ def test_lora_dispatches_no_more_ops_than_peft_lora(bench):
     counts = bench.measure((4, 8), warmup=1, steps=2, methods=["lora", "peft_lora"])
     for depth in (4, 8):
         assert counts["lora"][depth].ops_per_step <= counts["peft_lora"][depth].ops_per_step, depth
+
+
+def test_observe_and_apply_read_nothing_back_without_a_decision(bench):
+    """Issue line: observe + apply read no tensor back to the host (a device sync each on a GPU) on a step that
+    makes no decision, and a number that does not grow with the modules on a deciding step (measured 2 Dec
+    2026: IncreLoRA 71 / 150 and PRILoRA 0 / 96 before the controllers kept their index arithmetic on the
+    host; now 0 / 1 and 0 / 0)."""
+    methods = ["adalora", "sora", "increlora", "prilora"]
+    counts = bench.measure((1, 2), warmup=2, steps=4, methods=methods)
+    for name in methods:
+        shallow, deep = counts[name][1], counts[name][2]
+        assert shallow.host_reads_plain == deep.host_reads_plain == 0, name
+        if deep.host_reads_deciding is not None:
+            assert deep.host_reads_deciding == shallow.host_reads_deciding <= 2, name

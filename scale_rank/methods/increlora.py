@@ -75,18 +75,34 @@ class IncreLoRA(Method):
                            "factors": torch.zeros(layout.n_components, dtype=torch.long)}
         self.target_total = cfg.r_target * layout.n_modules
         self.t_init = cfg.t_init if cfg.t_init is not None else round(0.1 * self.total_steps)
-        events = math.ceil((self.target_total - int(self.rank.sum())) / (cfg.top_h * self.incre_rank))
+        events = math.ceil((self.target_total - self.r_start * layout.n_modules) / (cfg.top_h * self.incre_rank))
         self.interval = cfg.incre_interval or even_interval(self.t_init, round(0.7 * self.total_steps), events)
-        self.warmup = cfg.restart_warmup if cfg.restart_warmup is not None else self.interval
+        self._mirror_host_state()
         if cfg.score == "component":
             self.tracker = SensitivityTracker(layers, layout, access, cfg.beta1, cfg.beta2)
         else:
             self.dense_ema = torch.zeros(2, layout.n_modules, dtype=torch.float64)
         self._snapshot: dict | None = None
 
+    def _mirror_host_state(self) -> None:
+        """Python copies of what every step asks (total rank, modules with reserves, warmup windows), so that a
+        step without a decision reads no tensor back to the host."""
+        self.total_rank = int(self.rank.sum())
+        self.reserve_modules = [k for k, part in enumerate(self.layout.split(self.reserve)) if bool(part.any())]
+        self.warm_until = {group: {} for group in self.warm_since}  # group -> {module: first step at full pace}
+        for group, since in self.warm_since.items():
+            for k, part in enumerate(self.layout.split(since)):
+                if bool(part.any()) and self.warmup_length > 0:
+                    self.warm_until[group][k] = int(part.max()) + self.warmup_length
+
+    @property
+    def warmup_length(self) -> int:
+        cfg = self.config
+        return cfg.restart_warmup if cfg.restart_warmup is not None else self.interval
+
     @property
     def growing(self) -> bool:
-        return int(self.rank.sum()) < self.target_total
+        return self.total_rank < self.target_total
 
     def decides_at(self, step: int) -> bool:
         return self.growing and step > self.t_init and (step - self.t_init) % self.interval == 0
@@ -96,7 +112,7 @@ class IncreLoRA(Method):
         return self.target_total
 
     def before_step(self, step: int) -> None:
-        if self.reserve.any():
+        if self.reserve_modules:
             self._freeze_reserve_lam_grads()
         self._snapshot = self._snapshot_warming(step)
         if self.growing:
@@ -107,10 +123,12 @@ class IncreLoRA(Method):
 
     def _freeze_reserve_lam_grads(self) -> None:
         """Reserve lam gets no gradient, so its optimizer moments are still zero when it is activated."""
-        for layer, reserve in zip(self.layers, self.layout.split(self.reserve)):
+        reserves = self.layout.split(self.reserve)
+        for k in self.reserve_modules:
+            layer = self.layers[k]
             local = self.access.storage(layer.lora_lam)
-            if local.grad is not None and reserve.any():
-                keep = 1 - reserve.to(local.grad.device, local.grad.dtype)[local.start:local.end]
+            if local.grad is not None:
+                keep = 1 - reserves[k].to(local.grad.device, local.grad.dtype)[local.start:local.end]
                 local.grad.mul_(keep)
                 self.access.write(layer.lora_lam, local)
 
@@ -144,48 +162,60 @@ class IncreLoRA(Method):
         cfg = self.config
         scores = self.scores_from_sums(sums)
         self.last_scores = scores
-        eligible = (self.rank + self.incre_rank) <= self.layout.capacity
+        eligible = ((self.rank + self.incre_rank) <= self.layout.capacity).tolist()
         order = [k for k in torch.sort(scores, descending=True, stable=True).indices.tolist() if eligible[k]]
         remaining = self.target_total - int(self.rank.sum())
-        growth = torch.zeros(self.layout.n_modules)
+        growth = [0] * self.layout.n_modules
         for k in order[:cfg.top_h]:
             if remaining <= 0:
                 break
             growth[k] = min(self.incre_rank, remaining)
-            remaining -= int(growth[k])
-        return growth
+            remaining -= growth[k]
+        return torch.tensor(growth, dtype=torch.float32)
 
     def apply(self, decision: torch.Tensor | None, step: int) -> None:
         self._finish_warming(step)  # first: growth may rewrite values the warmup would blend back
         if decision is not None:
             self._grow(decision.long().cpu(), step)
         if not self.growing:
-            if self.reserve.any():
+            if self.reserve_modules:
                 self._drop_reserves()
             for layer in self.layers:
                 layer.collect_dense_grad = False  # growth is over: stop paying for the dense gradient
         self._reset_reserves()
 
     def _grow(self, growth: torch.Tensor, step: int) -> None:
-        cfg, layout = self.config, self.layout
-        for k in torch.nonzero(growth).flatten().tolist():
-            start, new_rank = int(self.rank[k]), int(self.rank[k] + growth[k])
-            base = int(layout.offset[k])
+        cfg = self.config
+        ranks = self.rank.tolist()
+        for k, gained in enumerate(growth.long().tolist()):
+            if not gained:
+                continue
+            start, new_rank = ranks[k], ranks[k] + gained
+            base, capacity = self.layout.offsets[k], self.layout.capacities[k]
             self.mask[base + start:base + new_rank] = 1.0
-            self.warm_since["lam"][base + start:base + new_rank] = step
-            reserve_end = min(new_rank + self.incre_rank, int(layout.capacity[k]))
-            fresh = slice(base + max(new_rank, start + self.incre_rank), base + reserve_end)
-            self.warm_since["factors"][fresh] = step
-            self.reserve[base:base + int(layout.capacity[k])] = 0.0
+            self._restart_warmup("lam", k, base + start, base + new_rank, step)
+            reserve_end = min(new_rank + self.incre_rank, capacity)
+            self._restart_warmup("factors", k, base + max(new_rank, start + self.incre_rank), base + reserve_end, step)
+            self.reserve[base:base + capacity] = 0.0
             self.reserve[base + new_rank:base + reserve_end] = 1.0
+            if reserve_end == new_rank and k in self.reserve_modules:
+                self.reserve_modules.remove(k)
             self.rank[k] = new_rank
+            self.total_rank += gained
             layer = self.layers[k]
             layer.active[:reserve_end] = 1.0
             if self.activation == "rebalance":
                 self._rebalance(k, base + start, base + new_rank)
-                self.warm_since["factors"][base + start:base + new_rank] = step
+                self._restart_warmup("factors", k, base + start, base + new_rank, step)
             if cfg.scale_rule == "rank":
                 layer.scale.fill_(cfg.alpha / new_rank)
+
+    def _restart_warmup(self, group: str, k: int, first: int, end: int, step: int) -> None:
+        """Components [first, end) of module k (in `group`'s tensors) start a warmup at `step`."""
+        if end > first:
+            self.warm_since[group][first:end] = step
+            if self.warmup_length > 0:
+                self.warm_until[group][k] = step + self.warmup_length
 
     def _rebalance(self, k: int, first: int, end: int) -> None:
         """Activated components [first, end) of module k: lam reserve_lam -> init_lam and their B columns times
@@ -206,8 +236,10 @@ class IncreLoRA(Method):
     def _reset_reserves(self) -> None:
         """Reserve lam stays frozen at reserve_lam (their A and B train)."""
         value = self.config.reserve_lam
-        for layer, reserve in zip(self.layers, self.layout.split(self.reserve)):
-            reserve = reserve.to(layer.lora_lam.device, layer.lora_lam.dtype)
+        reserves = self.layout.split(self.reserve)
+        for k in self.reserve_modules:
+            layer = self.layers[k]
+            reserve = reserves[k].to(layer.lora_lam.device, layer.lora_lam.dtype)
 
             def freeze(local, reserve=reserve):
                 part = reserve[local.start:local.end]
@@ -220,12 +252,19 @@ class IncreLoRA(Method):
         for layer, reserve in zip(self.layers, self.layout.split(self.reserve)):
             layer.active.mul_(1 - reserve.to(layer.active.device, layer.active.dtype))
         self.reserve.zero_()
+        self.reserve_modules = []
 
     # -- restarted warmup for newly trainable components --------------------------------------------
     def _snapshot_warming(self, step: int) -> dict | None:
         """Local values before the optimizer step of every warming parameter (per component and kind)."""
-        factors = {group: restarted_warmup(step, since, self.warmup) for group, since in self.warm_since.items()}
-        warming = {group: torch.unique(self.layout.module_of[f < 1]).tolist() for group, f in factors.items()}
+        for ends in self.warm_until.values():  # forget finished warmups
+            for k in [k for k, until in ends.items() if step >= until]:
+                del ends[k]
+        warming = {group: list(ends) for group, ends in self.warm_until.items()}
+        if not any(warming.values()):
+            return None
+        factors = {group: restarted_warmup(step, since, self.warmup_length)
+                   for group, since in self.warm_since.items()}
         saved = {}
         for kind, group in WARM_GROUP.items():
             for k in warming[group]:
@@ -271,3 +310,4 @@ class IncreLoRA(Method):
             self.tracker.load_state_dict(state["tracker"])
         else:
             self.dense_ema.copy_(state["dense_ema"])
+        self._mirror_host_state()

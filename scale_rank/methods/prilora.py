@@ -86,7 +86,7 @@ class PRILoRA(Method):
         """|A_ij| * n_j of the local entries of module `index`'s A, and the component (row) of each."""
         d_in = self.layers[index].d_in
         flat = torch.arange(local.start, local.end)
-        rows = flat // d_in + int(self.layout.offset[index])
+        rows = flat // d_in + self.layout.offsets[index]
         return local.values.detach().float().abs().cpu() * norm[flat % d_in].float(), rows
 
     def state_dict(self) -> dict:
