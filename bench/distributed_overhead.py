@@ -261,7 +261,7 @@ def render(args, results: dict | None, rows: list[dict] | None, meta: dict) -> s
                     f"{cpu_ctrl} | "
                     f"{fmt(median([r['loss_allreduce_ms'] for r in runs]), 2)} |")
         out += ["", "**Where the step goes** (rank 0, ms per step, medians over launches of per-launch medians; "
-                "TrainingEngine.forward/backward/step and the controller's parts)", "",
+                "Engine.forward/backward/step and the controller's parts)", "",
                 "| engine | method | forward | backward | optimizer step | observe | of which partial_sums "
                 "(EMA update + local sums) | decide (rank 0) | apply | of which ShardAccess.write | "
                 "controller collectives (observe + apply) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

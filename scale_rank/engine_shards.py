@@ -1,4 +1,5 @@
 """ShardAccess for every engine: the local slice of an adapter parameter as a flat range, per engine.
+Each engine class (`scale_rank.engines`) builds its own access once it has wrapped the model.
 
 `storage(param)` is what this rank holds and what an engine's optimizer updates: decisions are applied
 there. `scoring(param)` narrows it so that, across the data-parallel ranks, every element is scored
@@ -39,30 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .shards import LocalSlice, ShardAccess, WholeTensorAccess, narrow, split_range
-
-ENGINE_KINDS = ("single", "ddp", "fsdp2", "fsdp1", "deepspeed")
-
-
-def shard_access(kind: str, model_or_engine, rank: int, world_size: int) -> ShardAccess:
-    """The ShardAccess for `kind`, given the wrapped model (FSDP1: the FSDP root) or DeepSpeed engine.
-
-    `rank` / `world_size` are this process's place in the data-parallel group.
-    """
-    if kind == "single":
-        if world_size != 1:
-            raise ValueError(f"engine 'single' is one process, but world_size is {world_size}; use 'ddp', "
-                             "'fsdp2', 'fsdp1' or 'deepspeed' for multi-process training")
-        return WholeTensorAccess(0, 1)
-    if kind == "ddp":
-        return WholeTensorAccess(rank, world_size)
-    if kind == "fsdp2":
-        return FSDP2Access(rank, world_size)
-    if kind == "fsdp1":
-        return FSDP1Access(model_or_engine, rank, world_size)
-    if kind == "deepspeed":
-        return DeepSpeedAccess(model_or_engine, rank, world_size)
-    raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
+from .shards import LocalSlice, WholeTensorAccess, narrow, split_range
 
 
 # -- helpers ------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from .controller import RankController
 from .data.tasks import (TaskData, batch_indices, build_task, loss_normaliser, micro_batches, padded_length,
                          select)
 from .ds_config import micro_batch_size
-from .engine import (ProcessInfo, TrainingEngine, adopt_launcher_precision, fsdp_shard_size, init_processes,
-                     refuse_unsupported, resolve_engine)
+from .engine import (ProcessInfo, adopt_launcher_precision, fsdp_shard_size, init_processes, refuse_unsupported,
+                     resolve_engine)
+from .engines import Engine, FSDPEngine, make_engine
 from .inject import adapter_layers
 from .methods import method_class
 from .model import build_adapted_model, check_context, resolve_model_path
@@ -49,7 +50,7 @@ class RunResult:
     adapter_dir: Path | None
     losses: list[float]
     history: list[dict]
-    engine: TrainingEngine  # the trained, still wrapped model (e.g. to compare its outputs with an export)
+    engine: Engine  # the trained, still wrapped model (e.g. to compare its outputs with an export)
 
 
 def resolve_total_steps(cfg: RunConfig, train_size: int) -> int:
@@ -81,7 +82,7 @@ class Job:
 class Live:
     """What trains (the engine around the adapted model, the rank controller) and where scalars go."""
 
-    engine: TrainingEngine
+    engine: Engine
     controller: RankController
     report: TrainingMetrics
 
@@ -203,8 +204,8 @@ def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserv
     if heads:
         groups.append({"name": "heads", "params": heads, "lr": cfg.train.lr,
                        "weight_decay": cfg.train.weight_decay})
-    engine = TrainingEngine(job.engine_kind, model, groups, cfg.train, cfg.train.total_steps, proc, job.ds_config,
-                            job.shard_size)
+    engine = make_engine(job.engine_kind, model, groups, cfg.train, cfg.train.total_steps, proc, job.ds_config,
+                         job.shard_size)
     controller = RankController(model, method, engine.access, Collective())
     controller.set_accumulation(cfg.train.grad_accum)
     method.track_optimizer(engine.optimizer)
@@ -321,7 +322,7 @@ def _eval_indices(n: int, proc: ProcessInfo) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine: TrainingEngine, task: TaskData, batch_size: int, proc: ProcessInfo) -> dict[str, float]:
+def evaluate(engine: Engine, task: TaskData, batch_size: int, proc: ProcessInfo) -> dict[str, float]:
     """The task metric on the evaluation split (`batch_size` rows per forward on each rank); every rank
     runs the same number of batches."""
     engine.train(False)
@@ -342,7 +343,7 @@ def evaluate(engine: TrainingEngine, task: TaskData, batch_size: int, proc: Proc
     return task.metric(local[:n], task.eval["labels"])
 
 
-def _evaluate_loss(engine: TrainingEngine, task: TaskData, batch_size: int, proc: ProcessInfo) -> dict[str, float]:
+def _evaluate_loss(engine: Engine, task: TaskData, batch_size: int, proc: ProcessInfo) -> dict[str, float]:
     """Token-averaged loss over every response token of the evaluation split, and its perplexity."""
     n = len(task.eval["labels"])
     positions = _eval_indices(n, proc)
@@ -411,6 +412,7 @@ def finish(job: Job, live: Live, metrics: dict) -> Path | None:
     run.metrics.write_text(json.dumps(
         {"final": metrics, "best": json.loads((run.best / "best.json").read_text()),
          "ranks": exported["ranks"], "total_rank": sum(exported["ranks"].values()),
-         "engine": live.engine.kind, "world_size": job.proc.world_size, "fsdp_shard_size": job.shard_size if live.engine.kind in ("fsdp1", "fsdp2") else None},
+         "engine": live.engine.kind, "world_size": job.proc.world_size,
+         "fsdp_shard_size": job.shard_size if isinstance(live.engine, FSDPEngine) else None},
         indent=2))
     return run.adapter

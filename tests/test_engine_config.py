@@ -94,15 +94,16 @@ def test_fp16_overflow_step_is_detected_and_not_scored():
     import torch
 
     import scale_rank as sr
-    from scale_rank.engine import ProcessInfo, TrainingEngine
+    from scale_rank.engine import ProcessInfo
+    from scale_rank.engines import make_engine
     from scale_rank.inject import adapter_layers
     from tests.support.methods import tiny_bert
 
     model = tiny_bert()
     method = sr.adapt(model, "adalora", total_steps=10, t_init=1, t_final=2, delta_t=1)
     groups = method.optimizer_groups(adapter_layers(model), 1e-3, 0.0)
-    engine = TrainingEngine("single", model, groups, TrainConfig(precision="fp16"), 10,
-                            ProcessInfo(0, 1, 0, torch.device("cpu")))
+    engine = make_engine("single", model, groups, TrainConfig(precision="fp16"), 10,
+                         ProcessInfo(0, 1, 0, torch.device("cpu")))
     controller = sr.RankController(model, method)
     ids, labels = torch.randint(1, 100, (4, 8)), torch.randint(0, 2, (4,))
     engine.backward(engine.forward({"input_ids": ids, "labels": labels}).loss, 1)

@@ -110,10 +110,10 @@ def test_crash_and_resume_continues_exactly(method, model_dir, tmp_path):
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(model_dir, tmp_path, monkeypatch):
-    from scale_rank.engine import TrainingEngine
+    from scale_rank.engines import LocalEngine  # one process
     args = overrides(model_dir, tmp_path / "run", "adalora", steps=9, save_every=3)
     calls = {"n": 0}
-    real = TrainingEngine.save_state
+    real = LocalEngine.save_state
 
     def failing(self, directory):
         calls["n"] += 1
@@ -121,10 +121,10 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(model_dir, tmp_path
             (directory / "engine.pt").write_bytes(b"partial")
             raise OSError("disk full")
         real(self, directory)
-    monkeypatch.setattr(TrainingEngine, "save_state", failing)
+    monkeypatch.setattr(LocalEngine, "save_state", failing)
     with pytest.raises(OSError, match="disk full"):
         train(load_config(None, args), progress=False)
     assert latest_checkpoint(RunDir(tmp_path / "run")).name == "step_00000003"
-    monkeypatch.setattr(TrainingEngine, "save_state", real)
+    monkeypatch.setattr(LocalEngine, "save_state", real)
     result = train(load_config(None, args), resume=True, progress=False)
     assert result.adapter_dir is not None

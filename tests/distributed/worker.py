@@ -1,4 +1,5 @@
-"""Multi-process worker: wrap the tiny adapted model with an engine, read/write adapters through its access.
+"""Multi-process worker: wrap the tiny adapted model in the library's engine classes, read/write adapters through
+its access.
 
     torchrun --nproc_per_node 2 tests/distributed/worker.py OUT_DIR ENGINE [ENGINE ...]   (4 for *_hsdp / *_hybrid)
 
@@ -17,6 +18,7 @@ Engines run one after the other in the same process group. Per engine, rank 0 wr
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 import time
@@ -28,10 +30,12 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from dist_case import (BETAS, EPS, LR, adapter_layers, adapter_params, build_model, forward,  # noqa: E402
-                       rank_batch, tracker_sums, trainable_names, write_grad_zeros, write_zeros)
+from dist_case import (BETAS, EPS, GLOBAL_BATCH, LR, adapter_layers, adapter_params, build_model,  # noqa: E402
+                       forward, rank_batch, tracker_sums, trainable_names, write_grad_zeros, write_zeros)
 
-from scale_rank.engine_shards import shard_access  # noqa: E402
+from scale_rank.config import TrainConfig  # noqa: E402
+from scale_rank.engine import ProcessInfo  # noqa: E402
+from scale_rank.engines import FSDP1Engine, make_engine  # noqa: E402
 
 DEEPSPEED = {  # engine -> zero_optimization
     "zero1": {"stage": 1},
@@ -76,125 +80,96 @@ def clean(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "")
 
 
-class Engine:
-    """One wrapped model: forward module, access, step, and full-tensor gathering."""
+class SplitUnitsFSDP1(FSDP1Engine):
+    """FSDP1 with the base linears wrapped apart: each adapter's flat parameter is [A, B, lam], and the shard
+    boundary falls inside A or B (a slice that starts mid-parameter on rank 1)."""
 
-    def __init__(self, kind: str, model, rank: int, world_size: int):
-        self.kind, self.model, self.rank, self.world_size = kind, model, rank, world_size
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = None
-        if kind == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-            self.module = DistributedDataParallel(model)
-            self.access = shard_access("ddp", self.module, rank, world_size)
-        elif kind in ("fsdp2", "fsdp2_hsdp"):
-            from torch.distributed.fsdp import fully_shard
-            mesh = None
-            if kind == "fsdp2_hsdp":  # 2 replicas x (world/2) shards: placements (Replicate(), Shard(0))
-                mesh = _hybrid_mesh(world_size)
-            for layer in model.bert.encoder.layer:
-                fully_shard(layer, mesh=mesh)
-            self.module = fully_shard(model, mesh=mesh)
-            self.access = shard_access("fsdp2", self.module, rank, world_size)
-        elif kind == "fsdp1_hybrid":  # HYBRID_SHARD: 2 replicas x (world/2) shards
-            from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-            from transformers.models.bert.modeling_bert import BertLayer
-            mesh = _hybrid_mesh(world_size)
-            self.module = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"),
-                                                   auto_wrap_policy=ModuleWrapPolicy({BertLayer}),
-                                                   sharding_strategy=ShardingStrategy.HYBRID_SHARD,
-                                                   device_mesh=mesh)
-            self.access = shard_access("fsdp1", self.module, rank, world_size)
-        elif kind == "fsdp1":
-            from torch.distributed.fsdp import FullyShardedDataParallel
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-            from scale_rank.layer import AdaptiveLoRALayer
-            # base linears wrapped apart: each adapter's flat parameter is [A, B, lam], and the shard
-            # boundary falls inside A or B (a slice that starts mid-parameter on rank 1)
-            policy = ModuleWrapPolicy({AdaptiveLoRALayer, torch.nn.Linear})
-            self.module = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"),
-                                                   auto_wrap_policy=policy)
-            self.access = shard_access("fsdp1", self.module, rank, world_size)
-        elif kind in DEEPSPEED:
-            import deepspeed
-            zero = DEEPSPEED[kind]
-            params = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": 0.0}
-            if "offload_optimizer" not in zero:
-                params["torch_adam"] = True  # no JIT-built fused Adam on CPU
-            config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-                      "zero_optimization": zero, "optimizer": {"type": "AdamW", "params": params},
-                      "fp16": {"enabled": False}, "bf16": {"enabled": kind.endswith("bf16")},
-                      "steps_per_print": 10 ** 9}
-            if kind.endswith("bf16"):  # the adapter's `active` buffer must match the bf16 parameters
-                config["data_types"] = {"buffer_dtype": "bf16"}
-            self.module, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
-                                                                     config=config)
-            self.access = shard_access("deepspeed", self.module, rank, world_size)
-            if kind in COPYING:
-                self.access = _Copying(self.access)
-        else:
-            raise ValueError(kind)
-        if self.optimizer is None:  # built after wrapping: fully_shard replaces the parameters
-            trainable = [p for p in self.module.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(trainable, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
-
-    @property
-    def deepspeed(self) -> bool:
-        return self.kind in DEEPSPEED
-
-    def backward(self, loss) -> None:
-        if self.deepspeed:
-            self.module.backward(loss)
-        else:
-            loss.backward()
-
-    def step(self) -> None:
-        if self.deepspeed:
-            self.module.step()
-        else:
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-
-    def full_params(self) -> dict[str, torch.Tensor]:
-        """Every trainable parameter, whole (the model copy the forward uses)."""
-        names = trainable_names()
-        out = {}
-        if self.kind.startswith("fsdp1"):
-            from torch.distributed.fsdp import FullyShardedDataParallel
-            with FullyShardedDataParallel.summon_full_params(self.module):
-                for name, p in self.module.named_parameters():
-                    if clean(name) in names:
-                        out[clean(name)] = p.detach().clone()
-        elif self.deepspeed and DEEPSPEED[self.kind]["stage"] == 3:
-            import deepspeed
-            named = [(clean(n), p) for n, p in self.model.named_parameters() if clean(n) in names]
-            with deepspeed.zero.GatheredParameters([p for _, p in named]):
-                for name, p in named:
-                    out[name] = p.detach().clone().reshape(p.ds_shape)
-        else:
-            for name, p in self.model.named_parameters():
-                if clean(name) in names:
-                    p = p.full_tensor() if hasattr(p, "full_tensor") else p
-                    out[clean(name)] = p.detach().clone()
-        return out
-
-    def master_params(self) -> dict[str, torch.Tensor]:
-        """DeepSpeed's fp32 master copy of every trainable parameter, whole."""
-        from deepspeed.utils import safe_get_full_fp32_param
-        names = trainable_names()
-        return {clean(n): safe_get_full_fp32_param(p).detach().clone()
-                for n, p in self.model.named_parameters() if clean(n) in names}
+    def units(self, model):
+        from scale_rank.layer import AdaptiveLoRALayer
+        return {m for m in model.modules() if isinstance(m, (AdaptiveLoRALayer, torch.nn.Linear))}
 
 
-def _hybrid_mesh(world_size: int):
+def train_config(kind: str) -> TrainConfig:
+    """AdamW at LR with the reference's betas and eps (torch's defaults), no weight decay, a constant lr."""
+    assert (BETAS, EPS) == ((0.9, 0.999), 1e-8), "the engines build AdamW with torch's default betas and eps"
+    return TrainConfig(lr=LR, weight_decay=0.0, warmup_steps=0, lr_schedule="constant", batch_size=GLOBAL_BATCH,
+                       precision="bf16" if kind.endswith("bf16") else "fp32")
+
+
+def ds_config_file(kind: str, out_dir: str, rank: int) -> str:
+    """This engine's DeepSpeed JSON, written for this rank; the run's values fill the rest (load_ds_config)."""
+    zero = DEEPSPEED[kind]
+    params = {"betas": list(BETAS), "eps": EPS}
+    if "offload_optimizer" not in zero:
+        params["torch_adam"] = True  # no JIT-built fused Adam on CPU
+    config = {"zero_optimization": zero, "optimizer": {"type": "AdamW", "params": params},
+              "steps_per_print": 10 ** 9}
+    if kind.endswith("bf16"):  # the adapter's `active` buffer must match the bf16 parameters
+        config["data_types"] = {"buffer_dtype": "bf16"}
+    path = os.path.join(out_dir, f"{kind}.ds_config.rank{rank}.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def build_engine(kind: str, model, out_dir: str, rank: int, world_size: int):
+    """The library's engine class for `kind` around `model` (a DeepSpeed stage, a hybrid FSDP, or FSDP1 with
+    split units), its optimizer over every trainable parameter."""
+    proc = ProcessInfo(rank, world_size, int(os.environ.get("LOCAL_RANK", rank)), torch.device("cpu"))
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    args = (model, groups, train_config(kind), 100, proc)
+    if kind in DEEPSPEED:
+        return make_engine("deepspeed", *args, ds_config_path=ds_config_file(kind, out_dir, rank))
+    if kind == "fsdp1":
+        return SplitUnitsFSDP1(*args)
+    if kind in ("fsdp2_hsdp", "fsdp1_hybrid"):  # 2 replicas x (world/2) shards
+        return make_engine(kind.split("_")[0], *args, shard_size=_hybrid_shard_size(world_size))
+    return make_engine(kind, *args)
+
+
+def _hybrid_shard_size(world_size: int) -> int:
     """2 replica groups of world/2 ranks. With 1 rank per shard group FSDP1 silently switches to NO_SHARD
     within it and never reduces across replicas, so hybrid runs need 4 processes."""
-    from torch.distributed.device_mesh import init_device_mesh
     if world_size < 4 or world_size % 2:
         raise ValueError(f"hybrid sharding runs need 4 processes (2 replicas x 2 shards), not {world_size}")
-    return init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    return world_size // 2
+
+
+def step(engine) -> None:
+    engine.step()
+    engine.zero_grad()
+
+
+def full_params(kind: str, engine) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, whole (the model copy the forward uses)."""
+    names = trainable_names()
+    out = {}
+    if kind.startswith("fsdp1"):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        with FullyShardedDataParallel.summon_full_params(engine.model):
+            for name, p in engine.model.named_parameters():
+                if clean(name) in names:
+                    out[clean(name)] = p.detach().clone()
+    elif kind in DEEPSPEED and DEEPSPEED[kind]["stage"] == 3:
+        import deepspeed
+        named = [(clean(n), p) for n, p in engine.module.named_parameters() if clean(n) in names]
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            for name, p in named:
+                out[name] = p.detach().clone().reshape(p.ds_shape)
+    else:
+        for name, p in engine.module.named_parameters():
+            if clean(name) in names:
+                p = p.full_tensor() if hasattr(p, "full_tensor") else p
+                out[clean(name)] = p.detach().clone()
+    return out
+
+
+def master_params(engine) -> dict[str, torch.Tensor]:
+    """DeepSpeed's fp32 master copy of every trainable parameter, whole."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    names = trainable_names()
+    return {clean(n): safe_get_full_fp32_param(p).detach().clone()
+            for n, p in engine.module.named_parameters() if clean(n) in names}
 
 
 def gather(obj):
@@ -206,13 +181,13 @@ def gather(obj):
 def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
     start = time.time()
     model, method = build_model()
-    engine = Engine(kind, model, rank, world_size)
-    access = engine.access
+    engine = build_engine(kind, model, out_dir, rank, world_size)
+    access = _Copying(engine.access) if kind in COPYING else engine.access
     layers = adapter_layers(model)
     input_ids, labels = rank_batch(rank, world_size)
 
     # one backward on this rank's half of the global batch
-    engine.backward(forward(engine.module, input_ids, labels)[0])
+    engine.backward(forward(engine.model, input_ids, labels)[0], 1)
 
     # (a) scoring slices of every A / B / lam value and gradient, and storage ranges
     mine, ranges, attached = {}, {}, {}
@@ -234,19 +209,19 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
     # (c) a gradient write before the step (grad lam[1] = 0), the optimizer step, then a value write
     # through storage/write: lam[0] = 0 and A[1, :] = 0 in every module
     write_grad_zeros(access, layers)
-    engine.step()
+    step(engine)
     counted = getattr(access, "inner", access)
     calls = getattr(counted, "collective_calls", 0)
     with access.deferred_writes():  # as the controller applies a decision: one refresh for all modules
         write_zeros(access, layers)
     refreshes = getattr(counted, "collective_calls", 0) - calls
-    written = engine.full_params()
-    master = engine.master_params() if engine.deepspeed else None
-    loss, logits = forward(engine.module, input_ids, labels)
-    engine.backward(loss)
+    written = full_params(kind, engine)
+    master = master_params(engine) if kind in DEEPSPEED else None
+    loss, logits = forward(engine.model, input_ids, labels)
+    engine.backward(loss, 1)
     logits = logits.detach().float().cpu().clone()
-    engine.step()
-    stepped = engine.full_params()
+    step(engine)
+    stepped = full_params(kind, engine)
     logits = torch.cat(gather(logits))
     if rank == 0:
         torch.save({"slices": {n: [s[n] for s in slices] for n in mine},
@@ -255,8 +230,8 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
                     "stepped": stepped, "persistent": persistent, "attached": attached, "refreshes": refreshes,
                     "seconds": time.time() - start},
                    os.path.join(out_dir, f"{kind}.pt"))
-    if engine.deepspeed:
-        engine.module.destroy()
+    if kind in DEEPSPEED:
+        engine.model.destroy()
 
 
 def main() -> None:
