@@ -5,7 +5,8 @@ while lam stays frozen at `reserve_lam` with no gradient ("advance learning"); a
 become active (their lam starts training, from fresh optimizer moments; by default rebalanced to `init_lam`
 with B shrunk to match) and fresh reserves are unmasked.
 As in the official code, each growth event restarts a linear warmup for the activated lam and for the new
-reserves' A and B; the activated A and B, trained as reserves already, keep their pace. Reserves leave the
+reserves' A and B; the activated A and B, trained as reserves already, keep their pace with the official
+activation and restart with the rebalanced one (their gradients change by the rebalancing factor). Reserves leave the
 model as soon as growth is over. docs/methods.md has the equations and every choice against paper and code.
 """
 from __future__ import annotations
