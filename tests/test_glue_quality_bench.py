@@ -2,6 +2,7 @@
 LoRA on one loss trajectory from identical weights, matched final budgets, the full profile's schedules."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -30,22 +31,31 @@ def bench():
 
 
 @pytest.fixture(scope="module")
-def result(bench, tmp_path_factory):
-    """One tiny run: 2-layer BERT (12 adapted modules, weights saved so it loads like a checkpoint)."""
+def tiny_options(bench, tmp_path_factory):
+    """Options of one tiny run: 2-layer BERT (12 adapted modules, weights saved so it loads like a checkpoint)
+    on tiny MRPC files."""
     model_dir = tiny_model_dir(tmp_path_factory.mktemp("model"))
     torch.manual_seed(0)
     config = transformers.BertConfig.from_pretrained(model_dir)
     transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
     data_dir = tmp_path_factory.mktemp("glue")
     make_glue_dir(data_dir, "mrpc", train_labels=["1", "0"] * 8, dev_labels=["1", "0", "1", "0"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    return bench.Options(tasks=["mrpc"], methods=METHODS, seeds=[0], steps=STEPS, batch_size=4, max_length=32,
+                         rank=RANK, model=str(model_dir), data_dir=str(data_dir))
+
+
+def run_with_threads(bench, opts, threads: int) -> dict:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        return bench.benchmark(bench.Options(
-            tasks=["mrpc"], methods=METHODS, seeds=[0], steps=STEPS, batch_size=4, max_length=32, rank=RANK,
-            model=str(model_dir), data_dir=str(data_dir)))
+        return bench.benchmark(opts)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def result(bench, tiny_options):
+    return run_with_threads(bench, tiny_options, 1)
 
 
 def by_method(result) -> dict[str, dict]:
@@ -115,11 +125,41 @@ def test_method_specs_carry_settings(bench):
 
 
 def test_separate_profile_shapes(bench):
-    """The profile behind the README's table: 300 steps per task, MRPC at lr 1e-3, paper variants included;
-    --lr replaces every task's learning rate."""
+    """The profile behind the README's tables: 300 steps per task in length-grouped batches at the recipes'
+    learning rates, paper-exact AdaLoRA included (against PEFT's); --lr replaces every task's learning rate."""
     sst2 = bench.make_plan("sst2", bench.Options(profile="separate", data_dir=None), train_size=67349)
     mrpc = bench.make_plan("mrpc", bench.Options(profile="separate", data_dir=None), train_size=2576)
     assert (sst2.steps, sst2.lr, mrpc.steps, mrpc.lr, mrpc.max_length) == (300, 8e-4, 300, 1e-3, 96)
+    assert sst2.length_groups == mrpc.length_groups == 8
     assert bench.make_plan("sst2", bench.Options(profile="separate", data_dir=None, lr=2e-3), 67349).lr == 2e-3
-    assert set(bench.PAPER_VARIANTS) < set(bench.PROFILES["separate"]["methods"])
+    methods = bench.PROFILES["separate"]["methods"]
+    assert set(bench.ALL_METHODS) < set(methods) and "adalora@init=paper" in methods
     assert mrpc.schedule["adalora"] == {"t_init": 30, "t_final": 90, "delta_t": 1}
+
+
+def test_workers_run_the_seeds_side_by_side_with_the_same_results(bench, tiny_options, result):
+    """Two processes of one thread each: seed 0's records equal the one-process run's (also one thread)."""
+    opts = dataclasses.replace(tiny_options, methods=["lora", "adalora"], seeds=[1, 0], workers=2)
+    parallel = run_with_threads(bench, opts, 2)
+    assert [(r["seed"], r["method"]) for r in parallel["records"]] == [
+        (1, "lora"), (1, "adalora"), (0, "lora"), (0, "adalora")]
+    alone = by_method(result)
+    for record in parallel["records"][2:]:
+        assert record["losses"] == alone[record["method"]]["losses"]
+        assert record["reported"] == alone[record["method"]]["reported"]
+    assert "2 threads in 2 processes" in parallel["table"]
+
+
+def test_length_grouped_batches_keep_each_groups_examples_and_cut_padding(bench):
+    lengths = torch.randint(5, 60, (200,), generator=torch.Generator().manual_seed(0))
+    groups, size, steps = 4, 8, 12
+    plain = [bench.batch_indices(s, 200, size, seed=3) for s in range(steps)]
+    grouped = [bench.length_grouped_indices(s, lengths, size, 3, groups) for s in range(steps)]
+    assert all(torch.equal(a, b) for a, b in zip(plain, [bench.length_grouped_indices(s, lengths, size, 3, 1)
+                                                          for s in range(steps)]))
+    for first in range(0, steps, groups):
+        assert sorted(torch.cat(grouped[first:first + groups]).tolist()) == \
+            sorted(torch.cat(plain[first:first + groups]).tolist())
+    assert len({tuple(b.tolist()) for b in grouped}) == steps
+    padded = lambda batches: sum(int(lengths[b].max()) * size for b in batches)  # noqa: E731
+    assert padded(grouped) < 0.8 * padded(plain)
