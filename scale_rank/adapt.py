@@ -25,6 +25,7 @@ def adapt(model: nn.Module, method: str | MethodConfig, total_steps: int | None 
         layer = AdaptiveLoRALayer(site.module, strategy.capacity(site, n_layers), scale=1.0,
                                   dropout=config.dropout, site=site.name, layer_index=site.layer_index,
                                   kind=site.kind)
+        layer.method = strategy.name
         strategy.init_layer(layer)
         return layer
 

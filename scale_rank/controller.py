@@ -41,11 +41,6 @@ class RankController:
         self._pending: tuple[int, torch.Tensor | None] | None = None
         self._forwards = 0
         self._forwards_allowed = _FORGOTTEN_AFTER
-        self.reg_coef = None
-        if method.config.gamma > 0:
-            self.reg_coef = torch.tensor(self._reg_weight(), device=self.layers[0].lora_A.device)
-            for layer in self.layers:
-                layer.reg_coef = self.reg_coef
         self._hook = model.register_forward_pre_hook(self._count_forward)
 
     # -- the per-step protocol ---------------------------------------------------------------------
@@ -105,11 +100,6 @@ class RankController:
         """
         if self.step_count or self._pending is not None or self.history:
             raise RuntimeError("RankController.rebind() only works before the first step")
-        device = self.layers[0].lora_A.device
-        if self.reg_coef is not None:
-            self.reg_coef = self.reg_coef.to(device)
-            for layer in self.layers:
-                layer.reg_coef = self.reg_coef
         self.method.bind(self.layers, self.access, self.comm)
 
     def set_accumulation(self, micro_batches: int) -> None:
@@ -118,12 +108,7 @@ class RankController:
 
     def set_grad_scale(self, factor: float) -> None:
         """Scale the regularizer's gradient like the loss (1 / grad_accum, times an fp16 loss scale)."""
-        if self.reg_coef is not None:
-            self.reg_coef.fill_(self._reg_weight() * factor)
-
-    def _reg_weight(self) -> float:
-        """gamma over the number of A and B matrices (2 per module): the regularizer is their mean norm."""
-        return self.method.config.gamma / (2 * len(self.layers))
+        self.method.scale_regularizer(factor)
 
     # -- guarding against a forgotten call -----------------------------------------------------------
     def _count_forward(self, module: nn.Module, args) -> None:
@@ -138,8 +123,9 @@ class RankController:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def close(self) -> None:
-        """Detach from the model (removes the forgotten-call hook)."""
+        """Detach from the model: remove the forgotten-call hook and the method's hooks on the layers."""
         self._hook.remove()
+        self.method.remove_hooks()
 
     def guard(self, optimizer: torch.optim.Optimizer):
         """Make `optimizer.step()` fail when observe() was not called for this step; returns the hook handle."""
@@ -156,8 +142,7 @@ class RankController:
     def regularization(self) -> float:
         """The last forward's orthogonality term before gamma: the mean of ||A A^T - I|| and ||B^T B - I||
         over every adapted module's A and B (what gamma multiplies in the loss)."""
-        values = [layer.last_reg for layer in self.layers if layer.last_reg is not None]
-        return float(torch.stack(values).sum()) / (2 * len(self.layers)) if values else 0.0
+        return self.method.regularization()
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

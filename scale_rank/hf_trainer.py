@@ -43,6 +43,7 @@ from transformers import TrainerCallback
 
 from .controller import RankController
 from .inject import adapter_layers
+from .methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def check_trainer(trainer) -> None:
     controllers = [c for c in _controllers_of(model) if c.method.allocates_ranks]
     if any(id(c) not in called for c in controllers):
         problem = "has no ScaleRankCallback for their RankController"
-    elif not controllers and not called and not all(_plain_lora(layer) for layer in layers):
+    elif not controllers and not called and any(_needs_controller(layer) for layer in layers):
         problem = "has no RankController (nor ScaleRankCallback) for them"
     else:
         return
@@ -208,9 +209,9 @@ def _controllers_of(model) -> list[RankController]:
     return found
 
 
-def _plain_lora(layer) -> bool:
-    """An adapter whose method needs no controller: lam frozen, no statistics (LoRA)."""
-    return not layer.lora_lam.requires_grad and not layer.collect_input_stats and not layer.collect_dense_grad
+def _needs_controller(layer) -> bool:
+    """An adapter whose method allocates ranks (every method but plain LoRA), which needs a controller."""
+    return layer.method in METHODS and METHODS[layer.method].allocates_ranks
 
 
 # -- helpers ---------------------------------------------------------------------------------------

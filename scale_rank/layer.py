@@ -40,31 +40,13 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-class _AuxLoss(torch.autograd.Function):
-    """Identity on `out` whose backward also gives `aux` the gradient `coef` (as if loss += coef * aux).
-
-    The regularizer rides on the layer output so that engines that gather parameters only around a
-    module's forward and backward (FSDP, ZeRO-3) have them present when its gradient is computed.
-    """
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(coef)
-        ctx.aux_dtype = aux.dtype
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (coef,) = ctx.saved_tensors
-        return grad_out, coef.to(ctx.aux_dtype).reshape(()), None
-
-
 class AdaptiveLoRALayer(nn.Module):
     """A frozen base linear layer plus a fixed-capacity low-rank adapter.
 
     Attributes set at attach time: `site` (module name in the model), `layer_index`, `kind` (matrix
-    type, e.g. "query"). `reg_coef` (set by the controller) enables the orthogonality regularizer;
-    `collect_input_stats` enables the per-feature squared-norm sums PRILoRA needs.
+    type, e.g. "query"), `method` (the name of the method that made it). What a method computes beyond the
+    LoRA update (the orthogonality regularizer, input statistics, dense gradients) it installs as hooks
+    (scale_rank.methods.hooks).
     """
 
     def __init__(self, base: nn.Module, r_max: int, scale: float, dropout: float = 0.0,
@@ -86,15 +68,9 @@ class AdaptiveLoRALayer(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gated = True  # False: lam and active stay at 1 and the forward skips them (plain LoRA's math)
-        self.reg_coef: torch.Tensor | None = None
-        self.last_reg: torch.Tensor | None = None
-        self.collect_input_stats = False
-        self.collect_dense_grad = False  # IncreLoRA's exact score: accumulate dL/d(dW) (one process)
-        self.dense_grad: torch.Tensor | None = None
-        self.register_buffer("input_sq_sum", torch.zeros(d_in, dtype=torch.float32, device=device),
-                             persistent=False)
+        self.method = ""
         self.merged = False
-        self._kept_key: tuple | None = None  # cache of _kept_components()
+        self._kept_key: tuple | None = None  # cache of kept_components()
         self._kept: torch.Tensor | None = None
 
     # -- initialisation helpers used by the methods --------------------------------------------------
@@ -131,9 +107,6 @@ class AdaptiveLoRALayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return out
-        if self.collect_input_stats and torch.is_grad_enabled() and not in_backward():
-            with torch.no_grad():
-                self.input_sq_sum += x.detach().reshape(-1, self.d_in).float().pow(2).sum(0)
         A, B = self.lora_A, self.lora_B
         x_in = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself,
@@ -142,42 +115,13 @@ class AdaptiveLoRALayer(nn.Module):
         if self.gated:
             h = h * (self.lora_lam * self.active.to(A.dtype))
         delta = (h @ B.t()) * self.scale.to(A.dtype)
-        if self.collect_dense_grad and delta.requires_grad:
-            delta.register_hook(self._dense_grad_hook(x_in.detach()))
-        out = out + delta.to(out.dtype)
-        if self.reg_coef is not None and torch.is_grad_enabled():
-            reg = self.orthogonality()
-            self.last_reg = reg.detach()
-            out = _AuxLoss.apply(out, reg, self.reg_coef)
-        return out
+        return out + delta.to(out.dtype)
 
-    def _dense_grad_hook(self, x_in: torch.Tensor):
-        """dL/d(dW) = sum over tokens of grad(delta) x^T, accumulated into `dense_grad` (d_out x d_in)."""
-        def hook(grad: torch.Tensor) -> None:
-            self.dense_grad += grad.reshape(-1, self.d_out).float().t() @ x_in.reshape(-1, self.d_in).float()
-        return hook
-
-    def orthogonality(self) -> torch.Tensor:
-        """||A A^T - I||_F + ||B^T B - I||_F over the active components (non-squared norms, as AdaLoRA's code).
-
-        The controller weights it by gamma / (2 * modules): the loss carries gamma times the mean norm over all
-        A and B matrices, counted separately (AdaLoRA's, IncreLoRA's and PEFT's normalisation).
-        """
-        kept = self._kept_components()
-        if kept is None:  # every component active (AdaLoRA, SoRA): no gather, no scatter in backward
-            A = self.lora_A.view_as(self.lora_A).float()
-            B = self.lora_B.view_as(self.lora_B).float()
-        else:
-            A = self.lora_A.index_select(0, kept).float()
-            B = self.lora_B.index_select(1, kept).float()
-        eye = torch.eye(A.shape[0], device=A.device)
-        return torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
-
-    def _kept_components(self) -> torch.Tensor | None:
+    def kept_components(self) -> torch.Tensor | None:
         """Indices of the active components (None: all of them), recomputed only when `active` changes.
 
         Every in-place edit of `active` bumps its version counter, so the cached answer cannot go stale, and
-        the regularizer's forward (once per micro-batch) needs no boolean-mask indexing (a host sync on GPU).
+        the regularizer (once per micro-batch) needs no boolean-mask indexing (a host sync on GPU).
         """
         active = self.active
         key = (active.data_ptr(), active.device, active._version)

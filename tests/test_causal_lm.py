@@ -171,7 +171,7 @@ def _one_backward(cfg, batch):
     controller = RankController(model, method)  # installs the regularizer / statistics hooks
     model(**batch).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    stats = [layer.input_sq_sum.clone() for layer in adapter_layers(model)]
+    stats = [s.clone() for s in method.inputs.sums] if method.name == "prilora" else []
     controller.close()
     return grads, stats
 

@@ -128,7 +128,7 @@ def test_trainer_callback_matches_hand_written_loop(tmp_path, grad_accum):
     for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
         assert torch.equal(p, q), name
     expected_coef = ADALORA["gamma"] / (2 * len(controller.layers)) / grad_accum  # mean over A and B matrices
-    assert float(controller.reg_coef) == pytest.approx(expected_coef)
+    assert float(controller.method.regularizer.coef) == pytest.approx(expected_coef)
 
 
 def test_optimizer_is_guarded(tmp_path):
@@ -191,7 +191,7 @@ def test_fp16_overflow_step_is_not_scored(tmp_path):
     args = SimpleNamespace(gradient_accumulation_steps=2, output_dir=str(tmp_path), deepspeed=None, fsdp=None)
     state = SimpleNamespace(max_steps=STEPS, global_step=0)
     callback.on_train_begin(args, state, None, model=model, optimizer=accelerated)
-    assert float(controller.reg_coef) == pytest.approx(ADALORA["gamma"] / (2 * len(controller.layers)) * 1024 / 2)
+    assert float(controller.method.regularizer.coef) == pytest.approx(ADALORA["gamma"] / (2 * len(controller.layers)) * 1024 / 2)
 
     batch = {k: torch.stack([ex[k] for ex in dataset()[:BATCH]]) for k in ("input_ids", "labels")}
     model(**batch).loss.backward()

@@ -179,3 +179,50 @@ def test_capacity_rule_is_the_planners(name):
         assert capacity(run.method.config, layer.layer_index, n_layers) == layer.r_max
     assert run.method.allocates_ranks == (name != "lora")
     assert run.method.trains_lam == (name not in ("lora", "prilora"))
+
+
+# ------------------------------------------------------------------------------------------------
+# method hooks: the layer computes only LoRA; each method installs what else it needs, and removes it
+# ------------------------------------------------------------------------------------------------
+
+def _hook_counts(layers) -> list[tuple[int, int]]:
+    return [(len(layer._forward_pre_hooks), len(layer._forward_hooks) + len(layer.dropout._forward_hooks))
+            for layer in layers]
+
+
+@pytest.mark.parametrize("name,options,per_layer", [
+    ("lora", {}, (0, 0)),
+    ("adalora", {}, (0, 1)),  # the regularizer
+    ("adalora", {"gamma": 0.0}, (0, 0)),
+    ("sora", {}, (0, 0)),
+    ("increlora", {}, (0, 1)),  # the regularizer
+    ("increlora", {"score": "dense"}, (0, 3)),  # the regularizer; dense gradient: dropout's input + output
+    ("prilora", {}, (1, 0)),  # input sums
+])
+def test_methods_install_their_hooks_at_bind_and_remove_them_at_close(name, options, per_layer):
+    """adapt() leaves plain layers; the controller's bind installs the method's hooks; close() removes them,
+    after which the adapted model computes the same output as before the controller existed."""
+    import scale_rank as sr
+    from scale_rank.inject import adapter_layers
+    from tests.support.methods import tiny_bert
+    model = tiny_bert(0, 2).eval()  # no dropout: the two plain outputs compare exactly
+    method = sr.adapt(model, name, **(short_run_options(name) | options))
+    layers = adapter_layers(model)
+    assert set(_hook_counts(layers)) == {(0, 0)}
+    ids = torch.randint(0, 100, (2, 8))
+    plain = model(input_ids=ids).logits.detach()
+    controller = sr.RankController(model, method)
+    assert set(_hook_counts(layers)) == {per_layer}
+    model(input_ids=ids).logits.sum().backward()
+    controller.close()
+    assert set(_hook_counts(layers)) == {(0, 0)}
+    assert torch.equal(model(input_ids=ids).logits.detach(), plain)
+
+
+def test_increlora_drops_its_dense_gradient_hooks_when_growth_ends():
+    run = Run("increlora", score="dense", **short_run_options("increlora"))
+    dense = run.method.dense
+    assert dense.installed and dense.grads
+    run.train(fixed_batches(), 30)
+    assert not run.method.growing and not dense.installed and not dense.grads
+    assert set(_hook_counts(run.layers)) == {(0, 1)}  # the regularizer stays

@@ -9,6 +9,7 @@ from ..config import MethodConfig
 from ..inject import Site
 from ..layer import AdaptiveLoRALayer
 from ..shards import ShardAccess
+from .hooks import LayerHooks, OrthogonalityRegularizer
 
 
 class Method:
@@ -23,6 +24,9 @@ class Method:
       `active` and `scale` (replicated on every rank under every engine);
     - only through shard access (`self.access`, `edit_local`): the values and gradients of lora_A, lora_B and
       lora_lam, which an engine may shard, flatten or keep as an fp32 master copy.
+    What a method computes in the layers' forward or backward beyond the LoRA update it installs as hooks
+    (`install`, scale_rank.methods.hooks) in `bind`, and removes when done; the layer itself holds no method
+    state. Every method with gamma > 0 gets the orthogonality regularizer.
     Collectives: the controller runs the step's one all-reduce (of `partial_sums`) and one broadcast (of
     `decide`'s result). `apply` may use `self.comm` for collectives that every rank reaches at the same step
     with the same shapes (SoRA's gate count, PRILoRA's bisection); no other hook may communicate.
@@ -43,6 +47,8 @@ class Method:
         # what the optimizer will still multiply this step's gradients by (DeepSpeed's clipping acts inside its
         # step); the controller sets it before before_step(), so scores see the gradients the optimizer uses
         self.grad_factor: torch.Tensor | float = 1.0
+        self.hooks: list[LayerHooks] = []  # installed on the bound layers
+        self.regularizer: OrthogonalityRegularizer | None = None
 
     # -- attach time ---------------------------------------------------------------------------------
     @classmethod
@@ -63,7 +69,11 @@ class Method:
 
     # -- after the engine is set up ------------------------------------------------------------------
     def bind(self, layers: list[AdaptiveLoRALayer], access: ShardAccess, comm: Collective) -> None:
+        """Take the layers (in model order), shard access and collectives; (re)install the method's hooks."""
+        self.remove_hooks()
         self.layers, self.access, self.comm = layers, access, comm
+        if self.config.gamma > 0:
+            self.regularizer = self.install(OrthogonalityRegularizer(layers, self.config.gamma))
         self.layout = ComponentLayout(layers)
         self.mask = torch.cat([layer.active.detach().float().cpu() for layer in layers])  # replicated buffer
 
@@ -100,6 +110,28 @@ class Method:
 
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once the optimizer exists (methods that read its live learning rate)."""
+
+    # -- hooks on the layers -------------------------------------------------------------------------
+    def install(self, hooks: LayerHooks) -> LayerHooks:
+        """Keep `hooks` (already registered on the layers) so that `remove_hooks` takes them off."""
+        self.hooks.append(hooks)
+        return hooks
+
+    def remove_hooks(self) -> None:
+        """Take every hook this method installed off the layers (the adapters then compute plain LoRA)."""
+        for hooks in self.hooks:
+            hooks.remove()
+        self.hooks.clear()
+        self.regularizer = None
+
+    def scale_regularizer(self, factor: float) -> None:
+        """Scale the regularizer's gradient like the loss (1 / grad_accum, times an fp16 loss scale)."""
+        if self.regularizer is not None:
+            self.regularizer.scale(factor)
+
+    def regularization(self) -> float:
+        """The last forward's orthogonality term before gamma (0.0 without a regularizer)."""
+        return self.regularizer.value() if self.regularizer is not None else 0.0
 
     # -- reporting -----------------------------------------------------------------------------------
     def target_budget(self) -> int | None:

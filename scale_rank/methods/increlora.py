@@ -20,6 +20,7 @@ from ..importance import SensitivityTracker, adapter_params
 from ..layer import AdaptiveLoRALayer
 from ..schedules import even_interval, restarted_warmup
 from .base import Method, edit_local
+from .hooks import DenseGradient
 
 
 # which restarted warmup each adapter tensor follows: lam from its activation, A and B from becoming a reserve
@@ -57,9 +58,6 @@ class IncreLoRA(Method):
             layer.active.zero_()
             layer.active[:self.r_start + self.incre_rank] = 1.0
         layer.scale.fill_(cfg.alpha / self.r_start)
-        if cfg.score == "dense":
-            layer.collect_dense_grad = True
-            layer.dense_grad = torch.zeros(layer.d_out, layer.d_in, device=layer.lora_A.device)
 
     def bind(self, layers, access, comm) -> None:
         super().bind(layers, access, comm)
@@ -67,6 +65,7 @@ class IncreLoRA(Method):
         error = self.world_size_error(cfg, comm.world_size)
         if error:
             raise ConfigError(error)
+        self.dense = self.install(DenseGradient(layers)) if cfg.score == "dense" else None
         self.rank = torch.full((layout.n_modules,), self.r_start, dtype=torch.long)
         self.mask = (layout.position < self.r_start).float()
         self.reserve = ((layout.position >= self.r_start)
@@ -143,11 +142,9 @@ class IncreLoRA(Method):
     def _update_dense_ema(self) -> None:
         """Module score |dW * dL/d(dW)|.sum() / sqrt(numel), smoothed like the per-entry scores."""
         cfg = self.config
-        score = torch.stack([
-            (layer.delta_weight() * layer.dense_grad).abs().sum().double().cpu() / math.sqrt(layer.dense_grad.numel())
-            for layer in self.layers])
-        for layer in self.layers:
-            layer.dense_grad.zero_()
+        score = torch.stack([(layer.delta_weight() * grad).abs().sum().double().cpu() / math.sqrt(grad.numel())
+                             for layer, grad in zip(self.layers, self.dense.grads)])
+        self.dense.zero()
         i_bar, u_bar = self.dense_ema
         i_bar.lerp_(score, 1 - cfg.beta1)
         u_bar.mul_(cfg.beta2).add_((score - i_bar).abs(), alpha=1 - cfg.beta2)
@@ -181,8 +178,8 @@ class IncreLoRA(Method):
         if not self.growing:
             if self.reserve_modules:
                 self._drop_reserves()
-            for layer in self.layers:
-                layer.collect_dense_grad = False  # growth is over: stop paying for the dense gradient
+            if self.dense is not None:
+                self.dense.remove()  # growth is over: stop paying for the dense gradient
         self._reset_reserves()
 
     def _grow(self, growth: torch.Tensor, step: int) -> None:

@@ -15,6 +15,7 @@ import torch
 from ..config import PRILoRAConfig
 from ..layer import AdaptiveLoRALayer
 from .base import Method, edit_local
+from .hooks import InputSquareSums
 
 _FLOAT_BITS = 31  # non-negative float32 values order like their int32 bit patterns, below 2**31
 
@@ -38,19 +39,17 @@ class PRILoRA(Method):
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
         layer.init_plain_lora(self.config.alpha)
-        layer.collect_input_stats = True
 
     def bind(self, layers, access, comm) -> None:
         super().bind(layers, access, comm)
+        self.inputs = self.install(InputSquareSums(layers))
         self.feature_sizes = [layer.d_in for layer in layers]
         self.input_norm = torch.zeros(sum(self.feature_sizes), dtype=torch.float64)
 
     # -- input statistics: one all-reduce of the per-feature squared sums each step ----------------
     def before_step(self, step: int) -> None:
-        """Take this step's per-feature squared sums out of the layers (which start the next step at 0)."""
-        self._step_sums = torch.cat([layer.input_sq_sum.double() for layer in self.layers])
-        for layer in self.layers:
-            layer.input_sq_sum.zero_()
+        """Take this step's per-feature squared sums (the accumulators start the next step at 0)."""
+        self._step_sums = self.inputs.take()
 
     def partial_sums(self, step: int) -> torch.Tensor:
         return self._step_sums.clone()

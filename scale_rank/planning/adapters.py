@@ -97,8 +97,8 @@ def method_state_bytes(plan: AdapterPlan, scored_fraction: float) -> int:
 
     AdaLoRA / IncreLoRA (score='component'): 12 B per scored local entry. IncreLoRA score='dense': a float32
     d_out x d_in gradient accumulator per site (one process only). SoRA: an int64 component index per scored
-    local gate. PRILoRA: its per-input-feature squared sums are the layers' `input_sq_sum` buffers, counted
-    with the adapter buffers; the EMA of their norms (float64) lives on the host. LoRA: none.
+    local gate. PRILoRA: a float32 per-input-feature squared sum per site (the EMA of their norms, float64,
+    lives on the host). LoRA: none.
     """
     method = plan.method
     if isinstance(method, AdaLoRAConfig) or (isinstance(method, IncreLoRAConfig) and method.score == "component"):
@@ -107,13 +107,15 @@ def method_state_bytes(plan: AdapterPlan, scored_fraction: float) -> int:
         return 4 * sum(site.linear.d_in * site.linear.d_out for site in plan.sites)
     if isinstance(method, SoRAConfig):
         return round(8 * plan.components * scored_fraction)
+    if isinstance(method, PRILoRAConfig):
+        return 4 * sum(site.linear.d_in for site in plan.sites)
     return 0
 
 
 def adapter_buffer_bytes(plan: AdapterPlan, adapter_bytes: int) -> int:
-    """Buffers of every AdaptiveLoRALayer (replicated, never sharded): active (r, adapter dtype), scale
-    (float32) and input_sq_sum (d_in, float32; PRILoRA's per-feature statistics, allocated for every method)."""
-    return sum(site.rank * adapter_bytes + 4 + 4 * site.linear.d_in for site in plan.sites)
+    """Buffers of every AdaptiveLoRALayer (replicated, never sharded): active (r, adapter dtype) and scale
+    (float32)."""
+    return sum(site.rank * adapter_bytes + 4 for site in plan.sites)
 
 
 # -- controller traffic ------------------------------------------------------------------------------

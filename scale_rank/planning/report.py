@@ -16,7 +16,7 @@ def format_plan(plan: Plan) -> str:
         ("base weights", memory.base_weights, f"{quant}, {sharded}"),
         ("gathered weights (transient)", memory.gathered_weights, "blocks / root unit all-gathered, dequantized"),
         ("adapter parameters", memory.adapter_params, f"{_dtype(inputs.adapter_bytes)}, {sharded}"),
-        ("adapter buffers", memory.adapter_buffers, "active, scale, input_sq_sum (replicated)"),
+        ("adapter buffers", memory.adapter_buffers, "active, scale (replicated)"),
         ("gradients", memory.gradients, f"trainable only, {optim_sharded}"),
         ("AdamW states", memory.optimizer_states, f"2 moments, {optim_sharded}"),
         ("method state", memory.method_state, f"{plan.method['name']} statistics (local shards)"),
