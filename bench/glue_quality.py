@@ -430,9 +430,9 @@ def train_seed(task: TaskData, plan: TaskPlan, runs: list[Run], seed: int, devic
     report_every = max(1, plan.steps // 10)
     for run in runs:
         run.model.train()
+    lengths = task.train["attention_mask"].sum(1)
     for step in range(plan.steps):
-        indices = length_grouped_indices(step, task.train["attention_mask"].sum(1), plan.batch_size, seed,
-                                         plan.length_groups)
+        indices = length_grouped_indices(step, lengths, plan.batch_size, seed, plan.length_groups)
         batch = to_device(select(task.train, indices, padded_length(task.train, indices)), device)
         shift = step % len(runs)
         for run in runs[shift:] + runs[:shift]:
