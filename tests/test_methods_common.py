@@ -226,3 +226,36 @@ def test_increlora_drops_its_dense_gradient_hooks_when_growth_ends():
     run.train(fixed_batches(), 30)
     assert not run.method.growing and not dense.installed and not dense.grads
     assert set(_hook_counts(run.layers)) == {(0, 1)}  # the regularizer stays
+
+
+@pytest.mark.parametrize("inactive", [[], [1, 4]])
+def test_regularizer_gradient_equals_autograd_of_the_norms_over_active_components(inactive):
+    """The closed-form gradient the regularizer adds in the backward equals autograd's gradient of
+    gamma / (2n) x (||A_K A_K^T - I||_F + ||B_K^T B_K - I||_F) over the active components K, and pruned
+    components get none (IncreLoRA's reserves and inactive components)."""
+    from scale_rank.layer import AdaptiveLoRALayer
+    from scale_rank.methods.hooks import OrthogonalityRegularizer
+    torch.manual_seed(0)
+    gamma, r = 0.3, 6
+    layers = [AdaptiveLoRALayer(torch.nn.Linear(10, 7), r, 1.0) for _ in range(2)]
+    kept = torch.tensor([k for k in range(r) if k not in inactive])
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_A, std=0.4)
+        torch.nn.init.normal_(layer.lora_B, std=0.4)
+        layer.active[inactive] = 0.0
+    regularizer = OrthogonalityRegularizer(layers, gamma)
+    for layer in layers:
+        (layer(torch.randn(3, 10)).sum() * 0).backward()
+    reference = 0.0
+    for layer in layers:
+        A = layer.lora_A.detach().clone().requires_grad_()
+        B = layer.lora_B.detach().clone().requires_grad_()
+        eye = torch.eye(len(kept))
+        norms = (torch.linalg.matrix_norm(A[kept] @ A[kept].t() - eye)
+                 + torch.linalg.matrix_norm(B[:, kept].t() @ B[:, kept] - eye))
+        (gamma / (2 * len(layers)) * norms).backward()
+        reference += float(norms)
+        torch.testing.assert_close(layer.lora_A.grad, A.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-5, atol=1e-7)
+        assert not layer.lora_A.grad[inactive].any() and not layer.lora_B.grad[:, inactive].any()
+    assert regularizer.value() == pytest.approx(reference / (2 * len(layers)), rel=1e-6)

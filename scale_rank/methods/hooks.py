@@ -36,51 +36,59 @@ class LayerHooks:
         return bool(self.handles)
 
 
-class _AuxLoss(torch.autograd.Function):
-    """Identity on `out` whose backward also gives `aux` the gradient `coef` (as if loss += coef * aux).
+class _OrthogonalityGradient(torch.autograd.Function):
+    """Identity on `out` whose backward also gives A and B the regularizer's gradient in closed form.
 
-    The regularizer rides on the layer output so that engines that gather parameters only around a
-    module's forward and backward (FSDP, ZeRO-3) have them present when its gradient is computed.
+    For M = A A^T - I (symmetric), d||M||_F / dA = 2 M A / ||M||_F, and for N = B^T B - I, d||N||_F / dB =
+    2 B N / ||N||_F. The forward hook hands in `unit_a` = 2 coef M / ||M|| and `unit_b` = 2 coef N / ||N||
+    (float32, r x r), so the backward is one matrix product per factor. The gradient rides on the layer output
+    so that engines that gather parameters only around a module's forward and backward (FSDP, ZeRO-3) have A
+    and B present when it is computed.
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(coef)
-        ctx.aux_dtype = aux.dtype
+    def forward(ctx, out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, unit_a: torch.Tensor,
+                unit_b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(A, B, unit_a, unit_b)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (coef,) = ctx.saved_tensors
-        return grad_out, coef.to(ctx.aux_dtype).reshape(()), None
+        A, B, unit_a, unit_b = ctx.saved_tensors
+        grad_a = (unit_a @ A.float()).to(A.dtype)
+        grad_b = (B.float() @ unit_b).to(B.dtype)
+        return grad_out, grad_a, grad_b, None, None
 
 
-def orthogonality(layer: AdaptiveLoRALayer) -> torch.Tensor:
-    """||A A^T - I||_F + ||B^T B - I||_F over the layer's active components (non-squared norms, as AdaLoRA's code)."""
-    kept = layer.kept_components()
-    if kept is None:  # every component active (AdaLoRA, SoRA): no gather, no scatter in backward
-        A = layer.lora_A.view_as(layer.lora_A).float()
-        B = layer.lora_B.view_as(layer.lora_B).float()
-    else:
-        A = layer.lora_A.index_select(0, kept).float()
-        B = layer.lora_B.index_select(1, kept).float()
-    eye = torch.eye(A.shape[0], device=A.device)
-    return torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+def _unit_residual(gram: torch.Tensor, minus_eye: torch.Tensor, pairs: torch.Tensor | None,
+                   coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2 coef R / ||R||_F, ||R||_F) for R = gram - I restricted to the active pairs (None: all)."""
+    residual = gram.add_(minus_eye)
+    if pairs is not None:
+        residual.mul_(pairs)
+    norm = torch.linalg.vector_norm(residual)
+    return residual.mul_(coef / norm), norm
 
 
 class OrthogonalityRegularizer(LayerHooks):
     """loss += gamma x the mean of ||A A^T - I||_F and ||B^T B - I||_F over every A and B (2 per module, counted
-    separately: AdaLoRA's, IncreLoRA's and PEFT's normalisation), applied in every training forward.
+    separately: AdaLoRA's, IncreLoRA's and PEFT's normalisation), each over the layer's active components,
+    applied in every training forward (docs/methods.md, "Orthogonality regularizer").
 
-    `coef` (gamma / (2 x modules), times `scale(factor)`: 1 / grad_accum and an fp16 loss scale) lives on the
-    layers' device so that the backward needs no host value.
+    The term is not added to the loss: each layer's forward hook computes its two residuals (float32, no
+    autocast) and `_OrthogonalityGradient` adds their closed-form gradient in the backward. `coef` (gamma /
+    (2 x modules), times 2 for the derivative and `scale(factor)`: 1 / grad_accum and an fp16 loss scale) lives
+    on the layers' device so that nothing is read back to the host.
     """
 
     def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float):
         super().__init__()
         self.weight = gamma / (2 * len(layers))
-        self.coef = torch.tensor(self.weight, device=layers[0].lora_A.device)
-        self.last: list[torch.Tensor | None] = [None] * len(layers)
+        device = layers[0].lora_A.device
+        self.coef = torch.tensor(2 * self.weight, device=device)
+        self.minus_eye = {r: -torch.eye(r, device=device) for r in {layer.r_max for layer in layers}}
+        self.last: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+        self._pairs: list[tuple[tuple, torch.Tensor | None]] = [((), None)] * len(layers)
         for index, layer in enumerate(layers):
             self.handles.append(layer.register_forward_hook(self._hook(index), prepend=True))
 
@@ -88,19 +96,34 @@ class OrthogonalityRegularizer(LayerHooks):
         def hook(layer: AdaptiveLoRALayer, args, out: torch.Tensor):
             if layer.merged or not torch.is_grad_enabled():
                 return None
-            reg = orthogonality(layer)
-            self.last[index] = reg.detach()
-            return _AuxLoss.apply(out, reg, self.coef)
+            A, B = layer.lora_A, layer.lora_B
+            pairs, minus_eye = self.active_pairs(index, layer), self.minus_eye[layer.r_max]
+            with torch.no_grad(), torch.autocast(A.device.type, enabled=False):
+                a, b = A.float(), B.float()
+                unit_a, norm_a = _unit_residual(a @ a.t(), minus_eye, pairs, self.coef)
+                unit_b, norm_b = _unit_residual(b.t() @ b, minus_eye, pairs, self.coef)
+            self.last[index] = norm_a, norm_b
+            return _OrthogonalityGradient.apply(out, A, B, unit_a, unit_b)
         return hook
+
+    def active_pairs(self, index: int, layer: AdaptiveLoRALayer) -> torch.Tensor | None:
+        """The 0/1 (r x r) mask of pairs of active components (None: all active), rebuilt only when the layer's
+        `active` changes (every in-place edit bumps its version)."""
+        key = (layer.active.data_ptr(), layer.active._version)
+        if self._pairs[index][0] != key:
+            active = layer.active.float()
+            pairs = None if layer.kept_components() is None else active[:, None] * active[None, :]
+            self._pairs[index] = key, pairs
+        return self._pairs[index][1]
 
     def scale(self, factor: float) -> None:
         """Scale the regularizer's gradient like the loss (1 / grad_accum, times an fp16 loss scale)."""
-        self.coef.fill_(self.weight * factor)
+        self.coef.fill_(2 * self.weight * factor)
 
     def value(self) -> float:
         """The last forward's mean norm over all A and B (what gamma multiplies in the loss)."""
-        values = [v for v in self.last if v is not None]
-        return float(torch.stack(values).sum()) / (2 * len(self.last)) if values else 0.0
+        norms = [norm for pair in self.last if pair is not None for norm in pair]
+        return float(torch.stack(norms).sum()) / (2 * len(self.last)) if norms else 0.0
 
 
 class InputSquareSums(LayerHooks):

@@ -261,8 +261,7 @@ def activations(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs) 
     else:
         stored, rebuilt = sum(layers) - (4 * spec.hidden + 4) * tokens, 0  # first input norm: no gradient
     rotary = 2 * inputs.seq_len * spec.head_dim * p
-    scalars = 4 + (4 if plan.method.gamma > 0 else 0)  # the loss's total weight, the regularizer's coefficient
-    head = (4 * spec.hidden + 12) * tokens + rotary + scalars
+    head = (4 * spec.hidden + 12) * tokens + rotary + 4  # + the loss's total weight
     widest = max(p, inputs.adapter_bytes)
     return Activations(stored, head, logits=4 * spec.vocab * tokens,
                        loss_backward=8 * spec.vocab * tokens, norm_backward=20 * spec.hidden * tokens,
@@ -271,14 +270,12 @@ def activations(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs) 
 
 def block_bytes(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs, layer: int) -> int:
     """What block `layer` saves for one micro-batch: per-token terms plus, per adapted layer, its gate
-    lam * active (r a) and, with the orthogonality regularizer (gamma > 0), the two r x r float32 differences
-    and two norms it saves, and float32 copies of A and B unless the adapters are float32."""
+    lam * active (r a) and, with the orthogonality regularizer (gamma > 0), its two r x r float32 residuals
+    (A and B themselves are parameters)."""
     sites = [site for site in plan.sites if site.linear.layer_index == layer and site.linear.in_block]
     fixed = sum(site.rank for site in sites) * inputs.adapter_bytes
     if plan.method.gamma > 0:
-        fixed += sum(8 * site.rank ** 2 + 8 for site in sites)
-        if inputs.adapter_bytes != 4:
-            fixed += sum(4 * site.rank * (site.linear.d_in + site.linear.d_out) for site in sites)
+        fixed += sum(8 * site.rank ** 2 for site in sites)
     return sum(layer_terms(geometry, plan, inputs, layer).values()) * inputs.tokens + fixed
 
 
