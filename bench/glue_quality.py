@@ -5,7 +5,9 @@
     python bench/glue_quality.py --tasks mrpc --seeds 0 --steps 10          # smoke run
 
 Every method of one (task, seed) trains its own copy of the same base model (pretrained MiniLM-L6, the
-offline alias `minilm`; the randomly initialised classifier head is drawn once per seed and copied) on the
+offline alias `minilm`; the randomly initialised classifier head is drawn once per seed and copied; the head
+reads the masked mean of the last hidden states, MiniLM's own sentence vector, in the separate and full
+profiles, and the CLS pooler in quick; --pooling, bench/mean_pooling.py) on the
 same batches (scale_rank.data.tasks.batch_indices), with the same dropout masks (the RNG is reseeded
 before every step), the same AdamW, learning rate and linear warmup/decay schedule, adapters on the same
 modules (every linear layer scale_rank targets by default: for BERT the six matrices of every layer) and
@@ -45,6 +47,7 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 
 import scale_rank as sr  # noqa: E402
 from controller_overhead import sync  # noqa: E402
+from mean_pooling import use_mean_pooling  # noqa: E402
 from scale_rank.config import DataConfig, MethodConfig, load_config  # noqa: E402
 from scale_rank.data import glue  # noqa: E402
 from scale_rank.data.tasks import TaskData, batch_indices, build_task, padded_length, select  # noqa: E402
@@ -87,9 +90,14 @@ SHORT_PROFILES = {
                  "mrpc": ShortShape(steps=300, batch_size=16, max_length=96, length_groups=8)},
 }
 PAPER_VARIANTS = ("adalora@init=paper", "increlora@init=paper")
-PROFILES = {"quick": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2), "methods": ALL_METHODS},
-            "separate": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2), "methods": ALL_METHODS + PAPER_VARIANTS[:1]},  # fits 90 min
-            "full": {"tasks": tuple(glue.TASKS), "seeds": (0, 1, 2, 3, 4), "methods": ALL_METHODS + PAPER_VARIANTS}}
+# pooling: the sentence vector the classifier head reads, "cls" (the model's pooler on the CLS token) or "mean"
+# (the masked mean of the last hidden states, MiniLM's own pooling; bench/mean_pooling.py)
+PROFILES = {"quick": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2), "methods": ALL_METHODS, "pooling": "cls"},
+            "separate": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2), "methods": ALL_METHODS + PAPER_VARIANTS[:1],
+                         "pooling": "mean"},  # fits 90 min
+            "full": {"tasks": tuple(glue.TASKS), "seeds": (0, 1, 2, 3, 4), "methods": ALL_METHODS + PAPER_VARIANTS,
+                     "pooling": "mean"}}
+POOLINGS = ("cls", "mean")
 STEP_FIELDS = ("t_init", "t_final", "delta_t", "incre_interval", "restart_warmup", "prune_interval")
 AT_LEAST_ONE = ("delta_t", "incre_interval", "prune_interval")
 
@@ -112,6 +120,10 @@ class Options:
     data_dir: str | None = DATA_DIR  # None or a folder without the task: the hub
     device: str = "cpu"
     workers: int = 1  # processes that run (task, seed) jobs side by side
+    pooling: str | None = None  # "cls" or "mean" (PROFILES)
+
+    def resolved_pooling(self) -> str:
+        return self.pooling or PROFILES[self.profile]["pooling"]
 
 
 @dataclass
@@ -581,6 +593,8 @@ def benchmark(opts: Options) -> dict:
     unknown = {split_spec(spec)[0] for spec in methods} - set(ALL_METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {list(ALL_METHODS)}")
+    if opts.resolved_pooling() not in POOLINGS:
+        raise ValueError(f"unknown pooling {opts.pooling!r}; choose from {list(POOLINGS)}")
     tasks = [glue.get_spec(t).name for t in (opts.tasks or PROFILES[opts.profile]["tasks"])]
     seeds = opts.seeds if opts.seeds is not None else list(PROFILES[opts.profile]["seeds"])
     _TASKS.clear()  # another call's options may differ
@@ -600,7 +614,8 @@ def benchmark(opts: Options) -> dict:
         records = [r for job in jobs for r in run_seed(*job)]
     metric_names = {name: prepared_task(opts, name)[0].metric_name for name in tasks}
     rows = summarize(records, metric_names)
-    header = [f"GLUE dev quality vs PEFT: model {opts.model}, {opts.profile} profile, seeds "
+    header = [f"GLUE dev quality vs PEFT: model {opts.model} ({opts.resolved_pooling()} pooling), {opts.profile} "
+              f"profile, seeds "
               f"{','.join(map(str, seeds))}, device {opts.device}, {threads} threads"
               f"{f' in {opts.workers} processes' if opts.workers > 1 else ''}, "
               f"torch {torch.__version__}, peft {_version('peft')}, transformers {_version('transformers')}",
@@ -634,6 +649,8 @@ def run_seed(opts: Options, methods: list[str], name: str, seed: int) -> list[di
     task, plan = prepared_task(opts, name)
     torch.manual_seed(seed)  # the classifier head is drawn here, once per seed
     base, _ = load_classifier(opts.model, task.num_labels)
+    if opts.resolved_pooling() == "mean":
+        use_mean_pooling(base)
     runs = build_runs(methods, base, plan, opts.rank, seed, opts.device)
     train_seed(task, plan, runs, seed, opts.device)
     return [record(run, task) for run in runs]
@@ -674,6 +691,8 @@ def parse_args(argv=None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--model", default="minilm", help="'minilm' (offline package), hub name or directory")
     parser.add_argument("--data-dir", default=DATA_DIR,
                         help="glue_data folder (env SCALE_RANK_GLUE_DIR); tasks it lacks come from the hub")
+    parser.add_argument("--pooling", choices=POOLINGS, help="sentence vector the head reads: the CLS pooler, or "
+                        "the masked mean of the last hidden states (default: the profile's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, in all")
     parser.add_argument("--workers", type=int, default=1,
@@ -685,7 +704,7 @@ def parse_args(argv=None) -> tuple[Options, argparse.Namespace]:
                    methods=_split(args.methods) if args.methods else None, seeds=[int(s) for s in _split(args.seeds)] if args.seeds else None,
                    steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                    lr=args.lr, eval_every=args.eval_every, rank=args.rank, model=args.model, data_dir=args.data_dir or None,
-                   device=args.device, workers=args.workers)
+                   device=args.device, workers=args.workers, pooling=args.pooling)
     return opts, args
 
 

@@ -163,3 +163,24 @@ def test_length_grouped_batches_keep_each_groups_examples_and_cut_padding(bench)
     assert len({tuple(b.tolist()) for b in grouped}) == steps
     padded = lambda batches: sum(int(lengths[b].max()) * size for b in batches)  # noqa: E731
     assert padded(grouped) < 0.8 * padded(plain)
+
+
+def test_mean_pooling_reads_the_masked_mean_of_the_last_hidden_states(bench, tiny_options):
+    """The head reads the mean over the kept tokens (an independent masked mean of the encoder's last hidden
+    states), so padding a row does not change its logits; the separate profile uses it, quick keeps CLS."""
+    model = transformers.BertForSequenceClassification.from_pretrained(tiny_options.model).eval()
+    bench.use_mean_pooling(model)
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        short = model(input_ids=ids[1:, :6], attention_mask=mask[1:, :6]).logits
+    mean = torch.stack([hidden[0].mean(0), hidden[1, :6].mean(0)])
+    torch.testing.assert_close(logits, model.classifier(mean))
+    torch.testing.assert_close(short[0], logits[1], rtol=1e-5, atol=1e-6)
+    assert bench.Options(profile="separate").resolved_pooling() == "mean"
+    assert bench.Options(profile="quick").resolved_pooling() == "cls"
+    with pytest.raises(ValueError, match="no BERT-style pooler"):
+        bench.use_mean_pooling(transformers.BertModel(model.config, add_pooling_layer=False))
