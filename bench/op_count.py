@@ -4,7 +4,10 @@
     python bench/op_count.py --json ops.json
 
 A random BERT (hidden 128, 4 heads, intermediate 512; no download), adapters on the six matrices of every
-layer, batch 8 x 32 tokens, one process, AdamW. One optimizer step = forward, backward, observe, optimizer
+layer, batch 8 x 32 tokens, one process, AdamW with foreach=True (torch's choice on a GPU; on the CPU its default
+loops over the parameters, 9 ops each, which would charge AdaLoRA's lam, a third parameter per module, 9 ops per
+module that a GPU run does not launch); the classifier head trains in the adapters' optimizer group, so that
+plain LoRA's optimizer is one group, like PEFT's (a foreach AdamW launches its ops once per group). One optimizer step = forward, backward, observe, optimizer
 step, apply, zero_grad (PEFT: update_and_allocate instead of observe/apply). Counted with a TorchDispatchMode
 (every `__torch_dispatch__` call), over `--steps` consecutive steps after `--warmup` uncounted ones, with
 settings that make every adaptive method decide on some of the counted steps; the table gives the mean per
@@ -85,9 +88,10 @@ def count_scale_rank(name: str, layers: int, warmup: int, steps: int) -> Count:
     total = warmup + steps + 2
     method = sr.adapt(model, name, total_steps=total, **method_options(name, total))
     controller = sr.RankController(model, method)
-    optimizer = torch.optim.AdamW(method.optimizer_groups(controller.layers, 1e-3, 0.0)
-                                  + [{"params": [p for n, p in model.named_parameters()
-                                                 if p.requires_grad and "lora_" not in n]}], lr=1e-3)
+    groups = method.optimizer_groups(controller.layers, 1e-3, 0.01)  # AdamW's default weight decay, as PEFT's run
+    groups[0]["params"] = groups[0]["params"] + [p for n, p in model.named_parameters()
+                                                 if p.requires_grad and "lora_" not in n]  # PEFT's one group
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, foreach=True)
     method.track_optimizer(optimizer)
     data = batch()
     counter, reads = OpCounter(), {True: [], False: []}
@@ -119,7 +123,7 @@ def count_peft(name: str, layers: int, warmup: int, steps: int) -> Count:
         config = AdaLoraConfig(task_type="SEQ_CLS", init_r=RANK, target_r=RANK // 2, tinit=1, tfinal=1, deltaT=2,
                                total_step=total, lora_alpha=32, target_modules=targets)
     model = get_peft_model(model, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
     data = batch()
     counter = OpCounter()
     for step in range(1, warmup + steps + 1):

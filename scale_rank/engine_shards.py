@@ -80,6 +80,8 @@ class FSDP2Access:
     sharded the same way, so edits are in place.
     """
 
+    whole_tensors = False  # local shards (ShardAccess)
+
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
         self._whole = WholeTensorAccess(rank, world_size)
@@ -163,6 +165,8 @@ class FSDP1Access:
     (FlatParameter._shard_param_infos: intra_param_start_idx .. intra_param_end_idx, inclusive); the
     gradient is the matching view of the flat gradient. Call after backward (parameters resharded).
     """
+
+    whole_tensors = False  # local shards (ShardAccess)
 
     def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -251,6 +255,8 @@ class DeepSpeedAccess:
     Frozen parameters have no master copy: their model copy is used (ZeRO-3: the partition; ZeRO-1/2: the
     whole replicated tensor, scored 1/world by each rank).
     """
+
+    whole_tensors = False  # local shards (ShardAccess)
 
     def __init__(self, engine, rank: int = 0, world_size: int = 1):
         self.engine = engine

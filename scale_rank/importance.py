@@ -3,7 +3,9 @@
 I = |w * g|;  I_bar <- b1 I_bar + (1-b1) I;  U_bar <- b2 U_bar + (1-b2) |I - I_bar|;  s = I_bar * U_bar.
 
 All local slices of all modules live in one flat buffer, so an update is a handful of vector operations
-whatever the number of modules, and per-component partial sums are one index_add.
+whatever the number of modules, and per-component partial sums are one index_add. When this rank holds the
+parameters whole (one process), the buffer is also seen as one view per parameter, and the update works on
+the parameters and their gradients with `torch._foreach_*` operations: no slice per parameter.
 """
 from __future__ import annotations
 
@@ -40,10 +42,18 @@ class SensitivityTracker:
         self.index = torch.cat(index).to(device=device, dtype=torch.int32)
         self.i_bar = torch.zeros(self.index.numel(), device=device)
         self.u_bar = torch.zeros_like(self.i_bar)
+        self.whole = access.whole_tensors and all(p.dtype == torch.float32 for p in self.params)
+        if self.whole:  # the buffers seen per parameter, in the order (and row-major layout) of the index
+            sizes = [p.numel() for p in self.params]
+            self.i_views = [v.view(p.shape) for v, p in zip(self.i_bar.split(sizes), self.params)]
+            self.u_views = [v.view(p.shape) for v, p in zip(self.u_bar.split(sizes), self.params)]
 
     def update(self, grad_factor: torch.Tensor | float = 1.0) -> None:
         """Fold the current gradients, times `grad_factor` (a clipping the optimizer has still to apply), into
         the EMAs (call once per optimizer step, grads present)."""
+        if self.whole:
+            self._update_whole(grad_factor)
+            return
         slices = [self.access.scoring(p) for p in self.params]
         values = torch.cat([s.values.float() for s in slices])
         grads = torch.cat([_grad_or_zeros(s) for s in slices])
@@ -52,6 +62,20 @@ class SensitivityTracker:
         sensitivity = values.mul_(grads).abs_()
         self.i_bar.lerp_(sensitivity, 1 - self.beta1)
         self.u_bar.mul_(self.beta2).add_(sensitivity.sub_(self.i_bar).abs_(), alpha=1 - self.beta2)
+
+    @torch.no_grad()
+    def _update_whole(self, grad_factor: torch.Tensor | float) -> None:
+        """`update` on whole float32 parameters: the same elementwise operations, one foreach call each."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if isinstance(grad_factor, torch.Tensor):
+            grads = torch._foreach_mul(grads, grad_factor.to(self.i_bar.device))
+        sensitivity = torch._foreach_mul(self.params, grads)
+        torch._foreach_abs_(sensitivity)
+        torch._foreach_lerp_(self.i_views, sensitivity, 1 - self.beta1)
+        torch._foreach_sub_(sensitivity, self.i_views)
+        torch._foreach_abs_(sensitivity)
+        torch._foreach_mul_(self.u_views, self.beta2)
+        torch._foreach_add_(self.u_views, sensitivity, alpha=1 - self.beta2)
 
     def partial_sums(self) -> torch.Tensor:
         """float64 [sum s over A entries | over B entries | over lam entries], per component."""

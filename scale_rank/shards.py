@@ -25,6 +25,10 @@ class LocalSlice:
 class ShardAccess(Protocol):
     rank: int
     world_size: int
+    # True when this rank stores and scores every element of every adapter parameter in the parameter tensor
+    # itself (one process): methods may then work on the parameters directly, with one `torch._foreach_*`
+    # operation for all modules instead of a slice per parameter
+    whole_tensors: bool
 
     def storage(self, param: nn.Parameter) -> LocalSlice: ...
 
@@ -58,6 +62,7 @@ class WholeTensorAccess:
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
+        self.whole_tensors = world_size == 1
 
     def storage(self, param: nn.Parameter) -> LocalSlice:
         grad = None if param.grad is None else param.grad.detach().reshape(-1)

@@ -259,3 +259,38 @@ def test_regularizer_gradient_equals_autograd_of_the_norms_over_active_component
         torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-5, atol=1e-7)
         assert not layer.lora_A.grad[inactive].any() and not layer.lora_B.grad[:, inactive].any()
     assert regularizer.value() == pytest.approx(reference / (2 * len(layers)), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adalora", "sora", "increlora", "prilora"])
+def test_whole_tensor_path_equals_the_sliced_path_bit_for_bit(name, monkeypatch):
+    """One process works on the parameters directly (`ShardAccess.whole_tensors`: foreach operations and flat
+    views over all modules); the per-parameter slices every sharded engine uses give the same weights,
+    statistics, ranks and pruned entries, bit for bit."""
+    import scale_rank.controller
+    from scale_rank.shards import WholeTensorAccess
+
+    def trained(whole: bool) -> tuple[dict, dict, Run]:
+        class Access(WholeTensorAccess):
+            def __init__(self, rank: int = 0, world_size: int = 1):
+                super().__init__(rank, world_size)
+                self.whole_tensors = whole
+        monkeypatch.setattr(scale_rank.controller, "WholeTensorAccess", Access)
+        run = Run(name, **short_run_options(name))
+        assert run.controller.access.whole_tensors == whole
+        run.train(fixed_batches(), 24)
+        return run.model.state_dict(), run.method.state_dict(), run
+
+    fast_weights, fast_state, fast = trained(True)
+    slow_weights, slow_state, _ = trained(False)
+    assert fast_weights.keys() == slow_weights.keys()
+    for key in fast_weights:
+        assert torch.equal(fast_weights[key], slow_weights[key]), key
+    assert torch.equal(fast_state["mask"], slow_state["mask"])
+    if name in ("adalora", "increlora"):
+        for key in ("i_bar", "u_bar"):
+            assert torch.equal(fast_state["tracker"][key], slow_state["tracker"][key])
+    if name == "prilora":  # ranks fixed by depth; entries of A pruned
+        assert torch.equal(fast_state["input_norm"], slow_state["input_norm"])
+        assert all(0 < int((layer.lora_A == 0).sum()) < layer.lora_A.numel() for layer in fast.layers)
+    else:
+        assert 0 < int(fast.method.ranks().sum()) < sum(layer.r_max for layer in fast.layers)

@@ -94,7 +94,7 @@ def test_method_state_and_buffers_exact(method, single_thread):
     assert adapter_buffer_bytes(plan, 4) == tensor_bytes(b for layer in layers for b in layer.buffers())
     kept = {"adalora": lambda s: (s.tracker.i_bar, s.tracker.u_bar, s.tracker.index),
             "increlora": lambda s: (s.tracker.i_bar, s.tracker.u_bar, s.tracker.index),
-            "sora": lambda s: (s.gate_index,), "prilora": lambda s: s.inputs.sums}[method]
+            "sora": lambda s: (s.gate_index,), "prilora": lambda s: (s.inputs.flat,)}[method]
     assert method_state_bytes(plan, 1.0) == tensor_bytes(kept(strategy))
 
 

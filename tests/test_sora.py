@@ -27,10 +27,11 @@ GATE_VALUES = [-1.0, -0.25, -0.2, -0.19, -0.15, -0.11, -0.1, -0.05, 0.0, 0.05, 0
 
 def test_soft_threshold_elementwise():
     gate = torch.tensor(GATE_VALUES, dtype=torch.float64)
-    out = soft_threshold(gate, XI)
-    assert out is gate  # in place
+    other = -gate[:5].clone()  # several tensors in one call
+    soft_threshold([gate, other], XI)  # in place
     expected = torch.tensor(reference_prox(GATE_VALUES, XI), dtype=torch.float64)
     torch.testing.assert_close(gate, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(other, -expected[:5], rtol=0, atol=1e-12)
     band = [(i, g) for i, g in enumerate(GATE_VALUES) if XI < abs(g) < 2 * XI]
     assert len(band) >= 6
     for i, g in band:  # survives, shrunk by xi, sign kept

@@ -48,6 +48,7 @@ class Method:
         # step); the controller sets it before before_step(), so scores see the gradients the optimizer uses
         self.grad_factor: torch.Tensor | float = 1.0
         self.hooks: list[LayerHooks] = []  # installed on the bound layers
+        self._ranks_of: tuple[torch.Tensor, int] | None = None  # the mask (and its version) `ranks` was computed from
         self.regularizer: OrthogonalityRegularizer | None = None
 
     # -- attach time ---------------------------------------------------------------------------------
@@ -152,8 +153,13 @@ class Method:
 
     # -- state ---------------------------------------------------------------------------------------
     def ranks(self) -> torch.Tensor:
-        """Current rank of every module (from the global mask)."""
-        return self.layout.per_module_sum(self.mask).long()
+        """Current rank of every module (from the global mask; read-only). Recomputed only when the mask is
+        replaced or edited in place (its version counter), so a step that changes no rank computes nothing."""
+        key = (self.mask, self.mask._version)
+        if self._ranks_of is None or self._ranks_of[0] is not key[0] or self._ranks_of[1] != key[1]:
+            self._ranks = self.layout.per_module_sum(self.mask).long()
+            self._ranks_of = key  # holds the mask itself: a new mask cannot pass for this one
+        return self._ranks
 
     def state_dict(self) -> dict:
         return {"mask": self.mask.clone()}

@@ -61,13 +61,13 @@ class _OrthogonalityGradient(torch.autograd.Function):
 
 
 def _unit_residual(gram: torch.Tensor, minus_eye: torch.Tensor, pairs: torch.Tensor | None,
-                   coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   twice_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(2 coef R / ||R||_F, ||R||_F) for R = gram - I restricted to the active pairs (None: all)."""
     residual = gram.add_(minus_eye)
     if pairs is not None:
         residual.mul_(pairs)
     norm = torch.linalg.vector_norm(residual)
-    return residual.mul_(coef / norm), norm
+    return residual.mul_(twice_coef / norm), norm
 
 
 class OrthogonalityRegularizer(LayerHooks):
@@ -76,16 +76,17 @@ class OrthogonalityRegularizer(LayerHooks):
     applied in every training forward (docs/methods.md, "Orthogonality regularizer").
 
     The term is not added to the loss: each layer's forward hook computes its two residuals (float32, no
-    autocast) and `_OrthogonalityGradient` adds their closed-form gradient in the backward. `coef` (gamma /
-    (2 x modules), times 2 for the derivative and `scale(factor)`: 1 / grad_accum and an fp16 loss scale) lives
-    on the layers' device so that nothing is read back to the host.
+    autocast) and `_OrthogonalityGradient` adds their closed-form gradient in the backward. `coef` is gamma /
+    (2 x modules) times `scale(factor)` (1 / grad_accum and an fp16 loss scale); `twice_coef` holds 2 x coef (the
+    derivative's factor) on the layers' device, so that nothing is read back to the host.
     """
 
     def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float):
         super().__init__()
         self.weight = gamma / (2 * len(layers))
+        self.coef = self.weight
         device = layers[0].lora_A.device
-        self.coef = torch.tensor(2 * self.weight, device=device)
+        self.twice_coef = torch.tensor(2 * self.coef, device=device)
         self.minus_eye = {r: -torch.eye(r, device=device) for r in {layer.r_max for layer in layers}}
         self.last: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
         self._pairs: list[tuple[tuple, torch.Tensor | None]] = [((), None)] * len(layers)
@@ -100,8 +101,8 @@ class OrthogonalityRegularizer(LayerHooks):
             pairs, minus_eye = self.active_pairs(index, layer), self.minus_eye[layer.r_max]
             with torch.no_grad(), torch.autocast(A.device.type, enabled=False):
                 a, b = A.float(), B.float()
-                unit_a, norm_a = _unit_residual(a @ a.t(), minus_eye, pairs, self.coef)
-                unit_b, norm_b = _unit_residual(b.t() @ b, minus_eye, pairs, self.coef)
+                unit_a, norm_a = _unit_residual(a @ a.t(), minus_eye, pairs, self.twice_coef)
+                unit_b, norm_b = _unit_residual(b.t() @ b, minus_eye, pairs, self.twice_coef)
             self.last[index] = norm_a, norm_b
             return _OrthogonalityGradient.apply(out, A, B, unit_a, unit_b)
         return hook
@@ -118,7 +119,8 @@ class OrthogonalityRegularizer(LayerHooks):
 
     def scale(self, factor: float) -> None:
         """Scale the regularizer's gradient like the loss (1 / grad_accum, times an fp16 loss scale)."""
-        self.coef.fill_(2 * self.weight * factor)
+        self.coef = self.weight * factor
+        self.twice_coef.fill_(2 * self.coef)
 
     def value(self) -> float:
         """The last forward's mean norm over all A and B (what gamma multiplies in the loss)."""
@@ -127,13 +129,15 @@ class OrthogonalityRegularizer(LayerHooks):
 
 
 class InputSquareSums(LayerHooks):
-    """Per-input-feature sums of x^2 over the tokens of each layer's training forwards (d_in, float32 each),
-    until `take()` hands them over and starts again at 0. Recomputed forwards (activation checkpointing) are
-    not counted twice."""
+    """Per-input-feature sums of x^2 over the tokens of each layer's training forwards (d_in, float32 each, views
+    of one flat buffer), until `take()` hands them over and starts again at 0. Recomputed forwards (activation
+    checkpointing) are not counted twice."""
 
     def __init__(self, layers: list[AdaptiveLoRALayer]):
         super().__init__()
-        self.sums = [torch.zeros(layer.d_in, dtype=torch.float32, device=layer.lora_A.device) for layer in layers]
+        self.flat = torch.zeros(sum(layer.d_in for layer in layers), dtype=torch.float32,
+                                device=layers[0].lora_A.device)
+        self.sums = list(self.flat.split([layer.d_in for layer in layers]))
         for index, layer in enumerate(layers):
             self.handles.append(layer.register_forward_pre_hook(self._hook(index)))
 
@@ -141,15 +145,15 @@ class InputSquareSums(LayerHooks):
         def hook(layer: AdaptiveLoRALayer, args) -> None:
             if layer.merged or not torch.is_grad_enabled() or in_backward():
                 return
+            x = args[0]
             with torch.no_grad():
-                self.sums[index] += args[0].detach().reshape(-1, layer.d_in).float().pow(2).sum(0)
+                self.sums[index].add_(x.float().pow(2).sum(tuple(range(x.dim() - 1))))
         return hook
 
     def take(self) -> torch.Tensor:
         """This step's sums of every layer, concatenated in float64; the accumulators restart at 0."""
-        taken = torch.cat([s.double() for s in self.sums])
-        for s in self.sums:
-            s.zero_()
+        taken = self.flat.double()
+        self.flat.zero_()
         return taken
 
 

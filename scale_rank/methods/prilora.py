@@ -8,6 +8,7 @@ Equations, defaults and every choice between the paper and its code: docs/method
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -44,6 +45,7 @@ class PRILoRA(Method):
         super().bind(layers, access, comm)
         self.inputs = self.install(InputSquareSums(layers))
         self.feature_sizes = [layer.d_in for layer in layers]
+        self.feature_offsets = [0, *itertools.accumulate(self.feature_sizes)][:-1]  # each layer's in input_norm
         self.input_norm = torch.zeros(sum(self.feature_sizes), dtype=torch.float64)
 
     # -- input statistics: one all-reduce of the per-feature squared sums each step ----------------
@@ -67,19 +69,41 @@ class PRILoRA(Method):
     def apply(self, decision: torch.Tensor | None, step: int) -> None:
         if decision is None or self.config.prune_ratio == 0:
             return
-        norms = self.input_norm.split(self.feature_sizes)
-        scored = [self._importance(k, norm, self.access.scoring(layer.lora_A))
-                  for k, (layer, norm) in enumerate(zip(self.layers, norms))]
         k = torch.tensor([math.floor(self.config.prune_ratio * layer.d_in) for layer in self.layers])
         k = torch.repeat_interleave(k, self.layout.capacity)
-        threshold = row_kth_smallest(torch.cat([imp for imp, _ in scored]), torch.cat([r for _, r in scored]),
-                                     k, self.layout.n_components, self.comm)
-        threshold = self.comm.broadcast(torch.where(k > 0, threshold, torch.tensor(-1.0)))  # k = 0: none
+        if self.access.whole_tensors:
+            self._prune_whole(k)
+            return
+        norms = self.input_norm.split(self.feature_sizes)
+        scored = [self._importance(index, norm, self.access.scoring(layer.lora_A))
+                  for index, (layer, norm) in enumerate(zip(self.layers, norms))]
+        threshold = self._thresholds(torch.cat([imp for imp, _ in scored]), torch.cat([r for _, r in scored]), k)
         for index, (layer, norm) in enumerate(zip(self.layers, norms)):
             def zero(local, index=index, norm=norm):
                 importance, rows = self._importance(index, norm, local)
                 local.values.masked_fill_((importance <= threshold[rows]).to(local.values.device), 0.0)
             edit_local(self.access, layer.lora_A, zero)
+
+    def _thresholds(self, importance: torch.Tensor, rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Per component (row of A), the k-th smallest importance over all ranks; -1 where k = 0 (none pruned)."""
+        threshold = row_kth_smallest(importance, rows, k, self.layout.n_components, self.comm)
+        return self.comm.broadcast(torch.where(k > 0, threshold, torch.tensor(-1.0)))
+
+    @torch.no_grad()
+    def _prune_whole(self, k: torch.Tensor) -> None:
+        """`apply`'s pruning on whole parameters (one process): the same importances and thresholds, computed
+        for all modules' A at once instead of one slice per module."""
+        weights = [layer.lora_A for layer in self.layers]
+        row_length = torch.repeat_interleave(torch.tensor(self.feature_sizes), self.layout.capacity)
+        row_start = torch.cumsum(row_length, 0) - row_length  # of every row of every A in the flat order
+        module_features = torch.repeat_interleave(torch.tensor(self.feature_offsets), self.layout.capacity)
+        rows = torch.repeat_interleave(torch.arange(self.layout.n_components), row_length)
+        features = torch.arange(len(rows)) - row_start[rows] + module_features[rows]  # index into input_norm
+        flat = torch.cat([w.view(-1) for w in weights])
+        importance = flat.float().abs().cpu() * self.input_norm[features].float()
+        prune = (importance <= self._thresholds(importance, rows, k)[rows]).to(flat.device)
+        for weight, pruned in zip(weights, prune.split([w.numel() for w in weights])):
+            weight.view(-1).masked_fill_(pruned, 0.0)
 
     def _importance(self, index: int, norm: torch.Tensor, local) -> tuple[torch.Tensor, torch.Tensor]:
         """|A_ij| * n_j of the local entries of module `index`'s A, and the component (row) of each."""

@@ -16,9 +16,15 @@ from .base import Method, edit_local
 GATE_GROUP = "sora_gates"
 
 
-def soft_threshold(gate: torch.Tensor, xi: float) -> torch.Tensor:
-    """The L1 proximal operator sign(g) * max(|g| - xi, 0), in place."""
-    return gate.copy_(gate.sign() * (gate.abs() - xi).clamp_min_(0))
+@torch.no_grad()
+def soft_threshold(gates: list[torch.Tensor], xi: float) -> None:
+    """The L1 proximal operator sign(g) * max(|g| - xi, 0), in place on every tensor of `gates` (one foreach
+    operation per step of the formula, whatever the number of tensors)."""
+    shrunk = torch._foreach_abs(gates)
+    torch._foreach_sub_(shrunk, xi)
+    torch._foreach_clamp_min_(shrunk, 0.0)
+    torch._foreach_mul_(shrunk, torch._foreach_sign(gates))
+    torch._foreach_copy_(gates, shrunk)
 
 
 class SoRA(Method):
@@ -83,9 +89,15 @@ class SoRA(Method):
     def apply(self, decision: torch.Tensor | None, step: int) -> None:
         """Soft-threshold the local gates, then count the non-zero ones (the step's one all-reduce)."""
         xi = self._step_xi
-        for layer in self.layers:
-            edit_local(self.access, layer.lora_lam, lambda local: soft_threshold(local.values, xi))
-        gates = torch.cat([self.access.scoring(layer.lora_lam).values for layer in self.layers])
+        if self.access.whole_tensors:  # the gate parameters themselves: no slice per module
+            gates = [layer.lora_lam for layer in self.layers]
+            soft_threshold(gates, xi)
+            with torch.no_grad():
+                gates = torch.cat(gates)
+        else:
+            for layer in self.layers:
+                edit_local(self.access, layer.lora_lam, lambda local: soft_threshold([local.values], xi))
+            gates = torch.cat([self.access.scoring(layer.lora_lam).values for layer in self.layers])
         counts = torch.zeros(self.layout.n_components, dtype=torch.float64, device=gates.device)
         counts.index_add_(0, self.gate_index, gates.ne(0).double())
         self.mask = self.comm.all_reduce_sum(counts).gt(0).float().cpu()
