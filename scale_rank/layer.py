@@ -68,6 +68,8 @@ class AdaptiveLoRALayer(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gated = True  # False: lam and active stay at 1 and the forward skips them (plain LoRA's math)
+        self.switched = True  # False: the method never switches components off (active stays 1), so the
+        # forward multiplies by lam alone (Method.switches_components; AdaLoRA and SoRA zero lam instead)
         self.method = ""
         self.merged = False
         self._kept_key: tuple | None = None  # cache of kept_components()
@@ -113,7 +115,7 @@ class AdaptiveLoRALayer(nn.Module):
             x_in = x_in.to(A.dtype)  # and no float32 copy of the activation is made and saved
         h = x_in @ A.t()
         if self.gated:
-            h = h * (self.lora_lam * self.active.to(A.dtype))
+            h = h * (self.lora_lam * self.active.to(A.dtype) if self.switched else self.lora_lam)
         delta = (h @ B.t()) * self.scale.to(A.dtype)
         return out + delta.to(out.dtype)
 

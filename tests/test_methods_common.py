@@ -190,18 +190,19 @@ def _hook_counts(layers) -> list[tuple[int, int]]:
             for layer in layers]
 
 
-@pytest.mark.parametrize("name,options,per_layer", [
-    ("lora", {}, (0, 0)),
-    ("adalora", {}, (0, 1)),  # the regularizer
-    ("adalora", {"gamma": 0.0}, (0, 0)),
-    ("sora", {}, (0, 0)),
-    ("increlora", {}, (0, 1)),  # the regularizer
-    ("increlora", {"score": "dense"}, (0, 3)),  # the regularizer; dense gradient: dropout's input + output
-    ("prilora", {}, (1, 0)),  # input sums
+@pytest.mark.parametrize("name,options,per_layer,regularized", [
+    ("lora", {}, (0, 0), False),
+    ("adalora", {}, (0, 0), True),
+    ("adalora", {"gamma": 0.0}, (0, 0), False),
+    ("sora", {}, (0, 0), False),
+    ("increlora", {}, (0, 0), True),
+    ("increlora", {"score": "dense"}, (0, 2), True),  # dense gradient: dropout's input + output
+    ("prilora", {}, (1, 0), False),  # input sums
 ])
-def test_methods_install_their_hooks_at_bind_and_remove_them_at_close(name, options, per_layer):
-    """adapt() leaves plain layers; the controller's bind installs the method's hooks; close() removes them,
-    after which the adapted model computes the same output as before the controller existed."""
+def test_methods_install_their_hooks_at_bind_and_remove_them_at_close(name, options, per_layer, regularized):
+    """adapt() leaves plain layers; the controller's bind installs the method's hooks (in one process the
+    regularizer is one forward hook, on the first layer, for all layers); close() removes them, after which
+    the adapted model computes the same output as before the controller existed."""
     import scale_rank as sr
     from scale_rank.inject import adapter_layers
     from tests.support.methods import tiny_bert
@@ -212,7 +213,8 @@ def test_methods_install_their_hooks_at_bind_and_remove_them_at_close(name, opti
     ids = torch.randint(0, 100, (2, 8))
     plain = model(input_ids=ids).logits.detach()
     controller = sr.RankController(model, method)
-    assert set(_hook_counts(layers)) == {per_layer}
+    pre, post = per_layer
+    assert _hook_counts(layers) == [(pre, post + (regularized and k == 0)) for k in range(len(layers))]
     model(input_ids=ids).logits.sum().backward()
     controller.close()
     assert set(_hook_counts(layers)) == {(0, 0)}
@@ -225,27 +227,30 @@ def test_increlora_drops_its_dense_gradient_hooks_when_growth_ends():
     assert dense.installed and dense.grads
     run.train(fixed_batches(), 30)
     assert not run.method.growing and not dense.installed and not dense.grads
-    assert set(_hook_counts(run.layers)) == {(0, 1)}  # the regularizer stays
+    assert _hook_counts(run.layers) == [(0, int(k == 0)) for k in range(len(run.layers))]  # the regularizer stays
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("inactive", [[], [1, 4]])
-def test_regularizer_gradient_equals_autograd_of_the_norms_over_active_components(inactive):
+def test_regularizer_gradient_equals_autograd_of_the_norms_over_active_components(inactive, batched):
     """The closed-form gradient the regularizer adds in the backward equals autograd's gradient of
     gamma / (2n) x (||A_K A_K^T - I||_F + ||B_K^T B_K - I||_F) over the active components K, and pruned
-    components get none (IncreLoRA's reserves and inactive components)."""
+    components get none (IncreLoRA's reserves and inactive components); per layer (sharded engines) and
+    batched over layers of one shape from the first layer's output (one process)."""
     from scale_rank.layer import AdaptiveLoRALayer
     from scale_rank.methods.hooks import OrthogonalityRegularizer
     torch.manual_seed(0)
     gamma, r = 0.3, 6
     layers = [AdaptiveLoRALayer(torch.nn.Linear(10, 7), r, 1.0) for _ in range(2)]
+    layers.append(AdaptiveLoRALayer(torch.nn.Linear(7, 10), r, 1.0))  # a shape of its own
     kept = torch.tensor([k for k in range(r) if k not in inactive])
     for layer in layers:
         torch.nn.init.normal_(layer.lora_A, std=0.4)
         torch.nn.init.normal_(layer.lora_B, std=0.4)
         layer.active[inactive] = 0.0
-    regularizer = OrthogonalityRegularizer(layers, gamma)
+    regularizer = OrthogonalityRegularizer(layers, gamma, batched=batched)
     for layer in layers:
-        (layer(torch.randn(3, 10)).sum() * 0).backward()
+        (layer(torch.randn(3, layer.d_in)).sum() * 0).backward()
     reference = 0.0
     for layer in layers:
         A = layer.lora_A.detach().clone().requires_grad_()
@@ -265,9 +270,15 @@ def test_regularizer_gradient_equals_autograd_of_the_norms_over_active_component
 def test_whole_tensor_path_equals_the_sliced_path_bit_for_bit(name, monkeypatch):
     """One process works on the parameters directly (`ShardAccess.whole_tensors`: foreach operations and flat
     views over all modules); the per-parameter slices every sharded engine uses give the same weights,
-    statistics, ranks and pruned entries, bit for bit."""
+    statistics, ranks and pruned entries, bit for bit. (The regularizer is batched in both runs: batched and
+    per-layer matrix products may differ in the last bit, see the regularizer's own test.)"""
     import scale_rank.controller
+    import scale_rank.methods.base
+    from scale_rank.methods.hooks import OrthogonalityRegularizer
     from scale_rank.shards import WholeTensorAccess
+
+    monkeypatch.setattr(scale_rank.methods.base, "OrthogonalityRegularizer",
+                        lambda layers, gamma, batched: OrthogonalityRegularizer(layers, gamma, batched=True))
 
     def trained(whole: bool) -> tuple[dict, dict, Run]:
         class Access(WholeTensorAccess):

@@ -24,6 +24,7 @@ def keep_top(scores: torch.Tensor, budget: int) -> torch.Tensor:
 class AdaLoRA(Method):
     name = "adalora"
     config: AdaLoRAConfig
+    switches_components = False  # pruning zeroes lam
 
     @classmethod
     def site_capacity(cls, config: AdaLoRAConfig, layer_index: int, n_layers: int) -> int:
@@ -74,6 +75,11 @@ class AdaLoRA(Method):
             self.zero_pruned_lam()
 
     def zero_pruned_lam(self) -> None:
+        if self.access.whole_tensors:  # the lam parameters themselves, all in one foreach product
+            keep = self.mask.to(self.layers[0].lora_lam.device, self.layers[0].lora_lam.dtype)
+            with torch.no_grad():
+                torch._foreach_mul_([layer.lora_lam for layer in self.layers], keep.split(self.layout.capacities))
+            return
         for layer, keep in zip(self.layers, self.layout.split(self.mask)):
             keep = keep.to(layer.lora_lam.device, layer.lora_lam.dtype)
 

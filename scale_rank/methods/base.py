@@ -39,6 +39,7 @@ class Method:
     decision_per_module = False  # decisions are per component (False) or per module (True)
     allocates_ranks = True  # False: fixed ranks, nothing happens without the controller (plain LoRA)
     trains_lam = True  # False: lam stays fixed at 1 (a parameter without gradient)
+    switches_components = True  # False: `active` stays 1 (ranks change through lam), the forward skips it
 
     def __init__(self, config: MethodConfig, total_steps: int | None):
         self.config = config
@@ -74,7 +75,8 @@ class Method:
         self.remove_hooks()
         self.layers, self.access, self.comm = layers, access, comm
         if self.config.gamma > 0:
-            self.regularizer = self.install(OrthogonalityRegularizer(layers, self.config.gamma))
+            self.regularizer = self.install(OrthogonalityRegularizer(layers, self.config.gamma,
+                                                                     batched=access.whole_tensors))
         self.layout = ComponentLayout(layers)
         self.mask = torch.cat([layer.active.detach().float().cpu() for layer in layers])  # replicated buffer
 

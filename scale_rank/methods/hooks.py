@@ -4,7 +4,7 @@ The adapter layer computes only the LoRA update. A method that needs more instal
 in `bind` and removes it when it is done (`remove()`):
 
 - OrthogonalityRegularizer (AdaLoRA, IncreLoRA; gamma > 0): adds gamma x the mean orthogonality norm to the
-  loss through each layer's output;
+  loss through each layer's output (in one process: through the first layer's, for all layers at once);
 - InputSquareSums (PRILoRA): per-input-feature sums of squares of each layer's input;
 - DenseGradient (IncreLoRA, score="dense"): dL/d(Delta W) of each layer, accumulated over micro-batches.
 
@@ -12,6 +12,8 @@ Forward hooks are prepended so that they run before any hook an engine registers
 and ZeRO-3 release gathered parameters in their own post-forward hooks, and the regularizer reads A and B.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,38 +38,81 @@ class LayerHooks:
         return bool(self.handles)
 
 
+@dataclass
+class _FactorGroup:
+    """Factors of one kind ("A": r x d_in, or "B": d_out x r) and one shape, computed as one batch."""
+
+    kind: str
+    members: list[int]  # indices of the layers
+    r: int
+    pairs_key: tuple = ()
+    pairs: torch.Tensor | None = None  # (g, r, r) 0/1 mask of active pairs; None: every component active
+
+
+def _batch(factors: list[torch.Tensor]) -> torch.Tensor:
+    """The factors as one float32 (g, rows, cols) batch: a view (no copy) of a single factor."""
+    if len(factors) == 1:
+        return factors[0].float().unsqueeze(0)
+    return torch.stack([factor.float() for factor in factors])
+
+
+def _gram(batch: torch.Tensor, kind: str) -> torch.Tensor:
+    """A A^T for A factors, B^T B for B factors: (g, r, r)."""
+    return torch.bmm(batch, batch.transpose(1, 2)) if kind == "A" else torch.bmm(batch.transpose(1, 2), batch)
+
+
+def _times_factor(units: torch.Tensor, batch: torch.Tensor, kind: str) -> torch.Tensor:
+    """The closed-form gradient: units A for A factors, B units for B factors."""
+    return torch.bmm(units, batch) if kind == "A" else torch.bmm(batch, units)
+
+
 class _OrthogonalityGradient(torch.autograd.Function):
-    """Identity on `out` whose backward also gives A and B the regularizer's gradient in closed form.
+    """Identity on `out` whose backward also gives the factors the regularizer's gradient in closed form.
 
     For M = A A^T - I (symmetric), d||M||_F / dA = 2 M A / ||M||_F, and for N = B^T B - I, d||N||_F / dB =
-    2 B N / ||N||_F. The forward hook hands in `unit_a` = 2 coef M / ||M|| and `unit_b` = 2 coef N / ||N||
-    (float32, r x r), so the backward is one matrix product per factor. The gradient rides on the layer output
-    so that engines that gather parameters only around a module's forward and backward (FSDP, ZeRO-3) have A
-    and B present when it is computed.
+    2 B N / ||N||_F. The forward hook hands in, per group of factors of one shape, the units 2 coef M / ||M||
+    (float32, g x r x r), so the backward is one batched matrix product per group. The gradient rides on a layer
+    output so that engines that gather parameters only around a module's forward and backward (FSDP, ZeRO-3)
+    have the factors present when it is computed (there, every layer carries its own).
+
+    `tensors` holds the factors of every group in order, then each group's units. `deferred` (one process):
+    instead of handing each factor its gradient through autograd (one accumulation per factor), add all of them
+    to the `.grad` of the parameters in `deferred` with one foreach operation once this backward pass is over
+    (the parameters themselves: under activation checkpointing the saved factors come back as aliases).
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, unit_a: torch.Tensor,
-                unit_b: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(A, B, unit_a, unit_b)
+    def forward(ctx, out: torch.Tensor, kinds: tuple[str, ...], sizes: tuple[int, ...],
+                deferred: list[torch.Tensor] | None, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.kinds, ctx.sizes, ctx.deferred = kinds, sizes, deferred
+        ctx.save_for_backward(*tensors)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        A, B, unit_a, unit_b = ctx.saved_tensors
-        grad_a = (unit_a @ A.float()).to(A.dtype)
-        grad_b = (B.float() @ unit_b).to(B.dtype)
-        return grad_out, grad_a, grad_b, None, None
+        saved = ctx.saved_tensors
+        count = sum(ctx.sizes)
+        factors, grads, start = saved[:count], [], 0
+        for kind, size, units in zip(ctx.kinds, ctx.sizes, saved[count:]):
+            group = factors[start:start + size]
+            start += size
+            gradient = _times_factor(units, _batch(list(group)), kind)
+            grads += [g.to(f.dtype) for g, f in zip(gradient.unbind(0), group)]
+        if ctx.deferred is not None:
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda params=ctx.deferred, grads=grads: _add_to_grads(params, grads))
+            return (grad_out, None, None, None, *([None] * (count + len(ctx.sizes))))
+        return (grad_out, None, None, None, *grads, *([None] * len(ctx.sizes)))
 
 
-def _unit_residual(gram: torch.Tensor, minus_eye: torch.Tensor, pairs: torch.Tensor | None,
-                   twice_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2 coef R / ||R||_F, ||R||_F) for R = gram - I restricted to the active pairs (None: all)."""
-    residual = gram.add_(minus_eye)
-    if pairs is not None:
-        residual.mul_(pairs)
-    norm = torch.linalg.vector_norm(residual)
-    return residual.mul_(twice_coef / norm), norm
+def _add_to_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """param.grad += grad for every pair, in one foreach operation (a missing .grad becomes the grad)."""
+    present = [(p.grad, g) for p, g in zip(params, grads) if p.grad is not None]
+    if present:
+        torch._foreach_add_([p for p, _ in present], [g for _, g in present])
+    for param, grad in zip(params, grads):
+        if param.grad is None:
+            param.grad = grad.clone()
 
 
 class OrthogonalityRegularizer(LayerHooks):
@@ -75,47 +120,80 @@ class OrthogonalityRegularizer(LayerHooks):
     separately: AdaLoRA's, IncreLoRA's and PEFT's normalisation), each over the layer's active components,
     applied in every training forward (docs/methods.md, "Orthogonality regularizer").
 
-    The term is not added to the loss: each layer's forward hook computes its two residuals (float32, no
-    autocast) and `_OrthogonalityGradient` adds their closed-form gradient in the backward. `coef` is gamma /
-    (2 x modules) times `scale(factor)` (1 / grad_accum and an fp16 loss scale); `twice_coef` holds 2 x coef (the
-    derivative's factor) on the layers' device, so that nothing is read back to the host.
+    The term is not added to the loss: a forward hook computes the residuals (float32, no autocast) and
+    `_OrthogonalityGradient` adds their closed-form gradient in the backward. `batched` (one process: the
+    parameters are always whole and present): one hook on the first layer handles every layer, in one batch
+    per factor shape, so the work per step does not grow with the number of modules. Otherwise every layer
+    has its own hook over its own A and B (a batch of one: the same kernels, the same bits). `coef` is gamma /
+    (2 x modules) times `scale(factor)` (1 / grad_accum and an fp16 loss scale); `twice_coef` holds 2 x coef
+    (the derivative's factor) on the layers' device, so that nothing is read back to the host.
     """
 
-    def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float):
+    def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float, batched: bool = False):
         super().__init__()
+        self.layers, self.batched = layers, batched
         self.weight = gamma / (2 * len(layers))
         self.coef = self.weight
         device = layers[0].lora_A.device
         self.twice_coef = torch.tensor(2 * self.coef, device=device)
         self.minus_eye = {r: -torch.eye(r, device=device) for r in {layer.r_max for layer in layers}}
-        self.last: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
-        self._pairs: list[tuple[tuple, torch.Tensor | None]] = [((), None)] * len(layers)
-        for index, layer in enumerate(layers):
-            self.handles.append(layer.register_forward_hook(self._hook(index), prepend=True))
+        if batched:
+            plans = [(layers[0], self._groups(range(len(layers))))]
+        else:
+            plans = [(layer, self._groups([index])) for index, layer in enumerate(layers)]
+        self.groups = [group for _, groups in plans for group in groups]
+        self.last: list[torch.Tensor | None] = [None] * len(self.groups)  # each group's norms
+        slot = 0
+        for host, groups in plans:
+            self.handles.append(host.register_forward_hook(self._hook(groups, slot), prepend=True))
+            slot += len(groups)
 
-    def _hook(self, index: int):
+    def _groups(self, indices) -> list[_FactorGroup]:
+        """The layers' A factors grouped by shape, then their B factors."""
+        by_shape: dict[tuple, _FactorGroup] = {}
+        for kind in ("A", "B"):
+            for index in indices:
+                layer = self.layers[index]
+                key = (kind, layer.r_max, layer.d_in if kind == "A" else layer.d_out)
+                by_shape.setdefault(key, _FactorGroup(kind, [], layer.r_max)).members.append(index)
+        return list(by_shape.values())
+
+    def _hook(self, groups: list[_FactorGroup], slot: int):
+        kinds, sizes = tuple(g.kind for g in groups), tuple(len(g.members) for g in groups)
+
         def hook(layer: AdaptiveLoRALayer, args, out: torch.Tensor):
             if layer.merged or not torch.is_grad_enabled():
                 return None
-            A, B = layer.lora_A, layer.lora_B
-            pairs, minus_eye = self.active_pairs(index, layer), self.minus_eye[layer.r_max]
-            with torch.no_grad(), torch.autocast(A.device.type, enabled=False):
-                a, b = A.float(), B.float()
-                unit_a, norm_a = _unit_residual(a @ a.t(), minus_eye, pairs, self.twice_coef)
-                unit_b, norm_b = _unit_residual(b.t() @ b, minus_eye, pairs, self.twice_coef)
-            self.last[index] = norm_a, norm_b
-            return _OrthogonalityGradient.apply(out, A, B, unit_a, unit_b)
+            factors, units = [], []
+            with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
+                for offset, group in enumerate(groups):
+                    params = [self.layers[i].lora_A if group.kind == "A" else self.layers[i].lora_B
+                              for i in group.members]
+                    residual = _gram(_batch(params), group.kind).add_(self.minus_eye[group.r])
+                    pairs = self.active_pairs(group)
+                    if pairs is not None:
+                        residual.mul_(pairs)
+                    norms = torch.linalg.vector_norm(residual, dim=(1, 2))
+                    units.append(residual.mul_((self.twice_coef / norms).view(-1, 1, 1)))
+                    self.last[slot + offset] = norms
+                    factors += params
+            deferred = list(factors) if self.batched else None
+            return _OrthogonalityGradient.apply(out, kinds, sizes, deferred, *factors, *units)
         return hook
 
-    def active_pairs(self, index: int, layer: AdaptiveLoRALayer) -> torch.Tensor | None:
-        """The 0/1 (r x r) mask of pairs of active components (None: all active), rebuilt only when the layer's
-        `active` changes (every in-place edit bumps its version)."""
-        key = (layer.active.data_ptr(), layer.active._version)
-        if self._pairs[index][0] != key:
-            active = layer.active.float()
-            pairs = None if layer.kept_components() is None else active[:, None] * active[None, :]
-            self._pairs[index] = key, pairs
-        return self._pairs[index][1]
+    def active_pairs(self, group: _FactorGroup) -> torch.Tensor | None:
+        """The 0/1 (g x r x r) mask of pairs of active components of the group's layers (None: all active),
+        rebuilt only when one of their `active` buffers changes (every in-place edit bumps its version)."""
+        actives = [self.layers[i].active for i in group.members]
+        key = tuple((active.data_ptr(), active._version) for active in actives)
+        if group.pairs_key != key:
+            if all(self.layers[i].kept_components() is None for i in group.members):
+                group.pairs = None
+            else:
+                active = torch.stack(actives).float()
+                group.pairs = active[:, :, None] * active[:, None, :]
+            group.pairs_key = key
+        return group.pairs
 
     def scale(self, factor: float) -> None:
         """Scale the regularizer's gradient like the loss (1 / grad_accum, times an fp16 loss scale)."""
@@ -124,8 +202,8 @@ class OrthogonalityRegularizer(LayerHooks):
 
     def value(self) -> float:
         """The last forward's mean norm over all A and B (what gamma multiplies in the loss)."""
-        norms = [norm for pair in self.last if pair is not None for norm in pair]
-        return float(torch.stack(norms).sum()) / (2 * len(self.last)) if norms else 0.0
+        norms = [n for n in self.last if n is not None]
+        return float(torch.cat(norms).sum()) / (2 * len(self.layers)) if norms else 0.0
 
 
 class InputSquareSums(LayerHooks):

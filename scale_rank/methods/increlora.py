@@ -123,6 +123,13 @@ class IncreLoRA(Method):
 
     def _freeze_reserve_lam_grads(self) -> None:
         """Reserve lam gets no gradient, so its optimizer moments are still zero when it is activated."""
+        if self.access.whole_tensors:  # the gradients themselves, one foreach product for all reserve modules
+            keeps = self._per_module(1 - self.reserve)
+            pairs = [(self.layers[k].lora_lam.grad, keeps[k]) for k in self.reserve_modules
+                     if self.layers[k].lora_lam.grad is not None]
+            if pairs:
+                torch._foreach_mul_(*map(list, zip(*pairs)))
+            return
         reserves = self.layout.split(self.reserve)
         for k in self.reserve_modules:
             layer = self.layers[k]
@@ -234,6 +241,14 @@ class IncreLoRA(Method):
     def _reset_reserves(self) -> None:
         """Reserve lam stays frozen at reserve_lam (their A and B train)."""
         value = self.config.reserve_lam
+        if self.access.whole_tensors and self.reserve_modules:  # lam (1 - reserve) + reserve value, foreach
+            parts = self._per_module(self.reserve)
+            lams = [self.layers[k].lora_lam for k in self.reserve_modules]
+            parts = [parts[k] for k in self.reserve_modules]
+            with torch.no_grad():
+                torch._foreach_mul_(lams, torch._foreach_add(torch._foreach_neg(parts), 1.0))
+                torch._foreach_add_(lams, torch._foreach_mul(parts, value))
+            return
         reserves = self.layout.split(self.reserve)
         for k in self.reserve_modules:
             layer = self.layers[k]
@@ -243,6 +258,11 @@ class IncreLoRA(Method):
                 part = reserve[local.start:local.end]
                 local.values.mul_(1 - part).add_(part * value)
             edit_local(self.access, layer.lora_lam, freeze)
+
+    def _per_module(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """A per-component host vector moved to the adapters' device and split per module (views)."""
+        return list(values.to(self.layers[0].lora_lam.device, self.layers[0].lora_lam.dtype)
+                    .split(self.layout.capacities))
 
     def _drop_reserves(self) -> None:
         """When growth is over: reserves leave the model, which then has exactly the allocated ranks (so an
