@@ -26,7 +26,6 @@ def adapt(model: nn.Module, method: str | MethodConfig, total_steps: int | None 
                                   dropout=config.dropout, site=site.name, layer_index=site.layer_index,
                                   kind=site.kind)
         layer.method = strategy.name
-        layer.switched = strategy.switches_components
         strategy.init_layer(layer)
         return layer
 

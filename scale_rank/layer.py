@@ -68,8 +68,6 @@ class AdaptiveLoRALayer(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gated = True  # False: lam and active stay at 1 and the forward skips them (plain LoRA's math)
-        self.switched = True  # False: the method never switches components off (active stays 1), so the
-        # forward multiplies by lam alone (Method.switches_components; AdaLoRA and SoRA zero lam instead)
         self.method = ""
         self.merged = False
         self._kept_key: tuple | None = None  # cache of kept_components()
@@ -114,8 +112,8 @@ class AdaptiveLoRALayer(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself,
             x_in = x_in.to(A.dtype)  # and no float32 copy of the activation is made and saved
         h = x_in @ A.t()
-        if self.gated:
-            h = h * (self.lora_lam * self.active.to(A.dtype) if self.switched else self.lora_lam)
+        if self.gated:  # lam alone while every component is active (AdaLoRA and SoRA always: they zero lam)
+            h = h * (self.lora_lam if self.kept_components() is None else self.lora_lam * self.active.to(A.dtype))
         delta = (h @ B.t()) * self.scale.to(A.dtype)
         return out + delta.to(out.dtype)
 
@@ -123,7 +121,8 @@ class AdaptiveLoRALayer(nn.Module):
         """Indices of the active components (None: all of them), recomputed only when `active` changes.
 
         Every in-place edit of `active` bumps its version counter, so the cached answer cannot go stale, and
-        the regularizer (once per micro-batch) needs no boolean-mask indexing (a host sync on GPU).
+        the forward and the regularizer (once per micro-batch) need no boolean-mask indexing (a host sync on
+        GPU): only a change of `active` reads it back.
         """
         active = self.active
         key = (active.data_ptr(), active.device, active._version)

@@ -49,7 +49,7 @@ def test_lora_dispatches_no_more_ops_than_peft_lora(readme_counts):
 
 def test_adaptive_methods_add_at_most_ten_ops_per_module(bench, readme_counts):
     """Issue line: every adaptive method adds at most 10 aten ops per adapted module per step over our LoRA
-    (measured 2 Dec 2026: AdaLoRA 8.0, SoRA 8.0, IncreLoRA 9.7, PRILoRA 4.5; before the closed-form,
+    (measured 2 Dec 2026: AdaLoRA 8.0, SoRA 8.0, IncreLoRA 9.9, PRILoRA 4.5; before the closed-form,
     batched regularizer and the whole-tensor paths 91, 33, 106 and 24.5)."""
     _, summary = bench.table(readme_counts, (4, 8))
     for name in ("adalora", "sora", "increlora", "prilora"):
