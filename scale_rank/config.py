@@ -117,9 +117,15 @@ class AdaLoRAConfig(SVDFormConfig):
 
 @dataclass
 class SoRAConfig(MethodConfig):
+    """init "lora" (default): every gate starts at 1, so the adapter starts as a LoRA adapter of the same alpha
+    and rank and every component learns at LoRA's pace; "paper": gates ~ N(0, 1), the papers' start. The
+    default xi (3e-4, absolute) is below the official 1e-3, which shrinks a gate as fast as Adam moves it;
+    `init=paper xi=1e-3` is the official code's SoRA (docs/methods.md, "Choices (SoRA)")."""
+
     name: str = "sora"
     r_max: int = 8
-    xi: float = 1e-3  # proximal threshold at the start of training
+    init: str = "lora"
+    xi: float = 3e-4  # proximal threshold at the start of training
     xi_end: float | None = None  # None: constant xi; else raised linearly over `xi_stages` stages
     xi_stages: int = 1
     xi_mode: str = "absolute"  # "absolute" (official code) or "lr" (paper: xi * gate learning rate)
@@ -129,6 +135,7 @@ class SoRAConfig(MethodConfig):
     def validate(self, total_steps: int | None) -> None:
         super().validate(total_steps)
         _positive("method.r_max", self.r_max)
+        _choice("method.init", self.init, INITS)
         _non_negative("method.xi", self.xi)
         _positive("method.xi_stages", self.xi_stages)
         _non_negative("method.l1", self.l1)

@@ -30,7 +30,7 @@ VOCAB = 100
 METHOD_OPTIONS = {
     "lora": dict(r=4),
     "adalora": dict(r_init=6, r_target=3, t_init=2, t_final=6, delta_t=2),
-    "sora": dict(r_max=6, xi=0.03),
+    "sora": dict(r_max=6, xi=0.03, init="paper"),  # N(0, 1) gates: some are 0 at export
     "increlora": dict(r_start=1, r_target=3, r_max=6, incre_rank=1, incre_interval=2, t_init=2, top_h=4),
     "prilora": dict(r_first=2, r_last=6, prune_interval=5),
 }

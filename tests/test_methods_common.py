@@ -15,7 +15,7 @@ T = 12  # total optimizer steps of the resume tests
 METHOD_OPTIONS = {
     "lora": dict(r=4),
     "adalora": dict(total_steps=T, r_init=4, r_target=2, t_init=2, t_final=3, delta_t=2),  # masks 4, 6, 8, 9
-    "sora": dict(r_max=4, xi=4e-3, xi_end=1e-2, xi_stages=3, total_steps=T),
+    "sora": dict(r_max=4, xi=4e-3, xi_end=1e-2, xi_stages=3, init="paper", total_steps=T),  # gates that reach 0
     "increlora": dict(total_steps=T, r_start=1, r_target=3, r_max=5, incre_rank=1, top_h=4, t_init=1,
                       incre_interval=2, restart_warmup=3),  # grows at 3, 5, 7, 9, 11; warm-up crosses the resume point
     "prilora": dict(r_first=2, r_last=4, prune_interval=3),  # prunes at 3, 6, 9, 12

@@ -55,7 +55,7 @@ def test_controller_applies_prox_with_configured_xi():
 
 
 def test_rank_is_the_number_of_nonzero_gates_after_every_step():
-    run = Run("sora", r_max=4, xi=5e-3, lr=1e-2)
+    run = Run("sora", r_max=4, xi=5e-3, lr=1e-2, init="paper")  # N(0, 1) gates: small ones reach 0
     counts = {}
 
     def after_apply(step):
@@ -103,10 +103,14 @@ def test_gate_lr_defaults_to_training_lr():
     assert {g["name"]: g["lr"] for g in groups} == {"adapters": 2e-3, GATE_GROUP: 2e-3}
 
 
-def test_init_and_scale():
-    run = Run("sora", r_max=8, alpha=16.0)
+@pytest.mark.parametrize("init", ["lora", "paper"])
+def test_init_and_scale(init):
+    run = Run("sora", r_max=8, alpha=16.0, init=init)
     gates = torch.cat([layer.lora_lam.detach() for layer in run.layers])
-    assert 0.7 < float(gates.std()) < 1.3  # N(0, 1)
+    if init == "paper":
+        assert 0.7 < float(gates.std()) < 1.3 and float(gates.abs().min()) < 0.5  # N(0, 1)
+    else:
+        assert torch.equal(gates, torch.ones_like(gates))  # a LoRA adapter of alpha 16, rank 8
     for layer in run.layers:
         assert torch.all(layer.lora_B == 0)
         assert float(layer.scale) == pytest.approx(16.0 / 8)

@@ -38,7 +38,10 @@ class SoRA(Method):
 
     def init_layer(self, layer: AdaptiveLoRALayer) -> None:
         layer.init_kaiming_zero()
-        torch.nn.init.normal_(layer.lora_lam.data, 0.0, 1.0)
+        if self.config.init == "paper":
+            torch.nn.init.normal_(layer.lora_lam.data, 0.0, 1.0)
+        else:
+            torch.nn.init.ones_(layer.lora_lam.data)
         layer.scale.fill_(self.config.alpha / self.config.r_max)
 
     def bind(self, layers, access, comm) -> None:

@@ -23,7 +23,7 @@ def tiny_model_dir(path: Path, layers: int = 2, hidden: int = 32) -> Path:
 FAST_METHODS = {
     "lora": {"r": 4},
     "adalora": {"r_init": 6, "r_target": 3, "t_init": 2, "t_final": 3, "delta_t": 2},
-    "sora": {"r_max": 6, "xi": 0.05},
+    "sora": {"r_max": 6, "xi": 0.05, "init": "paper"},  # N(0, 1) gates: some reach 0 within a few steps
     "increlora": {"r_start": 1, "r_target": 3, "r_max": 6, "incre_rank": 1, "top_h": 3, "incre_interval": 2, "t_init": 2},
     "prilora": {"r_first": 2, "r_last": 6, "prune_interval": 3, "prune_ratio": 0.5},
 }
