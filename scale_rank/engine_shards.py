@@ -80,7 +80,7 @@ class FSDP2Access:
     sharded the same way, so edits are in place.
     """
 
-    whole_tensors = False  # local shards (ShardAccess)
+    whole_tensors = replicated = False  # local shards (ShardAccess)
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
@@ -166,7 +166,7 @@ class FSDP1Access:
     gradient is the matching view of the flat gradient. Call after backward (parameters resharded).
     """
 
-    whole_tensors = False  # local shards (ShardAccess)
+    whole_tensors = replicated = False  # local shards (ShardAccess)
 
     def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -256,7 +256,7 @@ class DeepSpeedAccess:
     whole replicated tensor, scored 1/world by each rank).
     """
 
-    whole_tensors = False  # local shards (ShardAccess)
+    whole_tensors = replicated = False  # local shards (ShardAccess)
 
     def __init__(self, engine, rank: int = 0, world_size: int = 1):
         self.engine = engine

@@ -29,6 +29,9 @@ class ShardAccess(Protocol):
     # itself (one process): methods may then work on the parameters directly, with one `torch._foreach_*`
     # operation for all modules instead of a slice per parameter
     whole_tensors: bool
+    # True when every rank holds every adapter parameter whole, in the parameter itself, through every forward
+    # and backward (one process, DDP): a hook on one layer may then read the factors of all layers
+    replicated: bool
 
     def storage(self, param: nn.Parameter) -> LocalSlice: ...
 
@@ -63,6 +66,7 @@ class WholeTensorAccess:
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
         self.whole_tensors = world_size == 1
+        self.replicated = True
 
     def storage(self, param: nn.Parameter) -> LocalSlice:
         grad = None if param.grad is None else param.grad.detach().reshape(-1)

@@ -4,7 +4,7 @@ The adapter layer computes only the LoRA update. A method that needs more instal
 in `bind` and removes it when it is done (`remove()`):
 
 - OrthogonalityRegularizer (AdaLoRA, IncreLoRA; gamma > 0): adds gamma x the mean orthogonality norm to the
-  loss through each layer's output (in one process: through the first layer's, for all layers at once);
+  loss through each layer's output (one process and DDP: through the first layer's, for all layers at once);
 - InputSquareSums (PRILoRA): per-input-feature sums of squares of each layer's input;
 - DenseGradient (IncreLoRA, score="dense"): dL/d(Delta W) of each layer, accumulated over micro-batches.
 
@@ -121,17 +121,23 @@ class OrthogonalityRegularizer(LayerHooks):
     applied in every training forward (docs/methods.md, "Orthogonality regularizer").
 
     The term is not added to the loss: a forward hook computes the residuals (float32, no autocast) and
-    `_OrthogonalityGradient` adds their closed-form gradient in the backward. `batched` (one process: the
-    parameters are always whole and present): one hook on the first layer handles every layer, in one batch
-    per factor shape, so the work per step does not grow with the number of modules. Otherwise every layer
-    has its own hook over its own A and B (a batch of one: the same kernels, the same bits). `coef` is gamma /
+    `_OrthogonalityGradient` adds their closed-form gradient in the backward. `batched` (one process and DDP:
+    the parameters are always whole and present): one hook on the first layer handles every layer, in one
+    batch per factor shape, so the work per step does not grow with the number of modules. Otherwise every
+    layer has its own hook over its own A and B (a batch of one: the same kernels, the same bits).
+    `defer_grads` (one process only, with `batched`): the gradients go straight into `.grad` with one foreach
+    operation at the end of the backward; under DDP they must flow through autograd, so that DDP's reduction
+    (which finishes in its own end-of-backward callback, queued after this one) sees and keeps them. `coef` is gamma /
     (2 x modules) times `scale(factor)` (1 / grad_accum and an fp16 loss scale); `twice_coef` holds 2 x coef
     (the derivative's factor) on the layers' device, so that nothing is read back to the host.
     """
 
-    def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float, batched: bool = False):
+    def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float, batched: bool = False,
+                 defer_grads: bool = False):
         super().__init__()
-        self.layers, self.batched = layers, batched
+        if defer_grads and not batched:
+            raise ValueError("defer_grads needs batched (one hook that sees every factor)")
+        self.layers, self.batched, self.defer_grads = layers, batched, defer_grads
         self.weight = gamma / (2 * len(layers))
         self.coef = self.weight
         device = layers[0].lora_A.device
@@ -177,7 +183,7 @@ class OrthogonalityRegularizer(LayerHooks):
                     units.append(residual.mul_((self.twice_coef / norms).view(-1, 1, 1)))
                     self.last[slot + offset] = norms
                     factors += params
-            deferred = list(factors) if self.batched else None
+            deferred = list(factors) if self.defer_grads else None
             return _OrthogonalityGradient.apply(out, kinds, sizes, deferred, *factors, *units)
         return hook
 

@@ -57,7 +57,7 @@ COPYING = ("zero1", "zero3_offload")
 class _Copying:
     """Wraps an access so that storage() hands out copies instead of views."""
 
-    whole_tensors = False  # copies, never the parameters themselves
+    whole_tensors = replicated = False  # copies, never the parameters themselves
 
     def __init__(self, inner):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
