@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .shards import LocalSlice, WholeTensorAccess, narrow, split_range
+from .shards import LocalSlice, WholeTensorAccess, narrow, one_group_per_layer, split_range
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -80,12 +80,25 @@ class FSDP2Access:
     sharded the same way, so edits are in place.
     """
 
-    whole_tensors = replicated = False  # local shards (ShardAccess)
+    whole_tensors = False  # local shards (ShardAccess)
 
-    def __init__(self, rank: int = 0, world_size: int = 1):
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1):
+        self.model, self.rank, self.world_size = model, rank, world_size
         self._whole = WholeTensorAccess(rank, world_size)
         self._layouts: dict[int, tuple[torch.Size, tuple[int, int, int, int]]] = {}
+
+    def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
+        """One group per sharding unit (the nearest enclosing module `fully_shard` was applied to): FSDP2
+        all-gathers a unit's parameters together before its forward and again before its backward."""
+        from torch.distributed.fsdp import FSDPModule
+        unit_of: dict[str, nn.Module | None] = {}
+        for name, module in self.model.named_modules():
+            unit_of[name] = module if isinstance(module, FSDPModule) else unit_of.get(name.rpartition(".")[0])
+        name_of = {id(module): name for name, module in self.model.named_modules()}
+        members: dict[int, list[int]] = {}
+        for index, layer in enumerate(layers):
+            members.setdefault(id(unit_of[name_of[id(layer)]]), []).append(index)
+        return list(members.values())
 
     def _layout(self, param) -> tuple[int, int, int, int]:
         """(start, end, replica index, number of replicas) of this rank's local tensor of a DTensor, computed
@@ -166,7 +179,8 @@ class FSDP1Access:
     gradient is the matching view of the flat gradient. Call after backward (parameters resharded).
     """
 
-    whole_tensors = replicated = False  # local shards (ShardAccess)
+    whole_tensors = False  # local shards (ShardAccess)
+    resident_groups = staticmethod(one_group_per_layer)
 
     def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -256,7 +270,7 @@ class DeepSpeedAccess:
     whole replicated tensor, scored 1/world by each rank).
     """
 
-    whole_tensors = replicated = False  # local shards (ShardAccess)
+    whole_tensors = False  # local shards (ShardAccess)
 
     def __init__(self, engine, rank: int = 0, world_size: int = 1):
         self.engine = engine
@@ -276,6 +290,15 @@ class DeepSpeedAccess:
             for index, group in enumerate(getattr(self.optimizer, attr, None) or []):
                 for param in group:
                     self._group_of[id(param)] = index
+
+    def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
+        """ZeRO-1/2 keep every parameter whole, and ZeRO-3 every parameter under its persistence threshold
+        (`ds_persist`; LoRA factors usually are): those layers form one group. A layer with a partitioned
+        factor exists whole only around its own forward and backward: a group of its own."""
+        whole = [index for index, layer in enumerate(layers)
+                 if not any(self._is_zero3(p) and not p.ds_persist for p in (layer.lora_A, layer.lora_B))]
+        grouped = set(whole)
+        return ([whole] if whole else []) + [[index] for index in range(len(layers)) if index not in grouped]
 
     # -- which kind of parameter --------------------------------------------------------------------
     @staticmethod

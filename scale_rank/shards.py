@@ -29,9 +29,12 @@ class ShardAccess(Protocol):
     # itself (one process): methods may then work on the parameters directly, with one `torch._foreach_*`
     # operation for all modules instead of a slice per parameter
     whole_tensors: bool
-    # True when every rank holds every adapter parameter whole, in the parameter itself, through every forward
-    # and backward (one process, DDP): a hook on one layer may then read the factors of all layers
-    replicated: bool
+
+    def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
+        """Indices of `layers` (model order) in groups whose parameters are all present, whole, in the
+        parameters themselves, through the forward and backward of the group's first layer: a hook there may
+        read the whole group (one process and DDP: one group; FSDP2: one per sharding unit; else one per
+        layer)."""
 
     def storage(self, param: nn.Parameter) -> LocalSlice: ...
 
@@ -42,6 +45,11 @@ class ShardAccess(Protocol):
 
     def deferred_writes(self) -> AbstractContextManager:
         """Within it, collectives that `write` needs are collected and run once, together, at its end."""
+
+
+def one_group_per_layer(layers: list[nn.Module]) -> list[list[int]]:
+    """`ShardAccess.resident_groups` of engines that gather a parameter only around its own module."""
+    return [[index] for index in range(len(layers))]
 
 
 def split_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -66,7 +74,9 @@ class WholeTensorAccess:
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
         self.whole_tensors = world_size == 1
-        self.replicated = True
+
+    def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
+        return [list(range(len(layers)))]
 
     def storage(self, param: nn.Parameter) -> LocalSlice:
         grad = None if param.grad is None else param.grad.detach().reshape(-1)

@@ -230,14 +230,15 @@ def test_increlora_drops_its_dense_gradient_hooks_when_growth_ends():
     assert _hook_counts(run.layers) == [(0, int(k == 0)) for k in range(len(run.layers))]  # the regularizer stays
 
 
-@pytest.mark.parametrize("batched, defer_grads", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("groups, defer_grads", [(None, False), ([[0, 2], [1]], False), ([[0, 1, 2]], False),
+                                                 ([[0, 1, 2]], True)])
 @pytest.mark.parametrize("inactive", [[], [1, 4]])
-def test_regularizer_gradient_equals_autograd_of_the_norms_over_active_components(inactive, batched, defer_grads):
+def test_regularizer_gradient_equals_autograd_of_the_norms_over_active_components(inactive, groups, defer_grads):
     """The closed-form gradient the regularizer adds in the backward equals autograd's gradient of
     gamma / (2n) x (||A_K A_K^T - I||_F + ||B_K^T B_K - I||_F) over the active components K, and pruned
     components get none (IncreLoRA's reserves and inactive components); per layer (sharded engines) and
-    batched over layers of one shape from the first layer's output (DDP), its gradients added at the end of the
-    backward (one process)."""
+    one hook per group of layers (FSDP2's units; DDP: one group), batched over layers of one shape, and the
+    single group's gradients added at the end of the backward (one process)."""
     from scale_rank.layer import AdaptiveLoRALayer
     from scale_rank.methods.hooks import OrthogonalityRegularizer
     torch.manual_seed(0)
@@ -249,7 +250,7 @@ def test_regularizer_gradient_equals_autograd_of_the_norms_over_active_component
         torch.nn.init.normal_(layer.lora_A, std=0.4)
         torch.nn.init.normal_(layer.lora_B, std=0.4)
         layer.active[inactive] = 0.0
-    regularizer = OrthogonalityRegularizer(layers, gamma, batched=batched, defer_grads=defer_grads)
+    regularizer = OrthogonalityRegularizer(layers, gamma, groups, defer_grads=defer_grads)
     for layer in layers:
         (layer(torch.randn(3, layer.d_in)).sum() * 0).backward()
     reference = 0.0
@@ -279,8 +280,8 @@ def test_whole_tensor_path_equals_the_sliced_path_bit_for_bit(name, monkeypatch)
     from scale_rank.shards import WholeTensorAccess
 
     monkeypatch.setattr(scale_rank.methods.base, "OrthogonalityRegularizer",
-                        lambda layers, gamma, **_: OrthogonalityRegularizer(layers, gamma, batched=True,
-                                                                            defer_grads=True))
+                        lambda layers, gamma, groups, **_: OrthogonalityRegularizer(
+                            layers, gamma, [list(range(len(layers)))], defer_grads=True))
 
     def trained(whole: bool) -> tuple[dict, dict, Run]:
         class Access(WholeTensorAccess):

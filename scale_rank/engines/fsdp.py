@@ -68,7 +68,7 @@ class FSDP2Engine(FSDPEngine):
         return fully_shard(model, mesh=self.mesh)
 
     def _build_access(self) -> ShardAccess:
-        return FSDP2Access(self.proc.rank, self.proc.world_size)
+        return FSDP2Access(self.model, self.proc.rank, self.proc.world_size)
 
     def _clip_norm(self, max_norm: float) -> torch.Tensor:
         """`clip_grad_norm_` over the DTensor shards; the norm it returns is a DTensor of partial sums."""

@@ -76,7 +76,7 @@ class Method:
         self.layers, self.access, self.comm = layers, access, comm
         if self.config.gamma > 0:
             self.regularizer = self.install(OrthogonalityRegularizer(
-                layers, self.config.gamma, batched=access.replicated, defer_grads=access.whole_tensors))
+                layers, self.config.gamma, access.resident_groups(layers), defer_grads=access.whole_tensors))
         self.layout = ComponentLayout(layers)
         self.mask = torch.cat([layer.active.detach().float().cpu() for layer in layers])  # replicated buffer
 

@@ -121,32 +121,31 @@ class OrthogonalityRegularizer(LayerHooks):
     applied in every training forward (docs/methods.md, "Orthogonality regularizer").
 
     The term is not added to the loss: a forward hook computes the residuals (float32, no autocast) and
-    `_OrthogonalityGradient` adds their closed-form gradient in the backward. `batched` (one process and DDP:
-    the parameters are always whole and present): one hook on the first layer handles every layer, in one
-    batch per factor shape, so the work per step does not grow with the number of modules. Otherwise every
-    layer has its own hook over its own A and B (a batch of one: the same kernels, the same bits).
-    `defer_grads` (one process only, with `batched`): the gradients go straight into `.grad` with one foreach
-    operation at the end of the backward; under DDP they must flow through autograd, so that DDP's reduction
-    (which finishes in its own end-of-backward callback, queued after this one) sees and keeps them. `coef` is gamma /
+    `_OrthogonalityGradient` adds their closed-form gradient in the backward. `groups`
+    (`ShardAccess.resident_groups`; default one per layer): each group's first layer carries one hook for
+    the group, in one batch per factor shape; one process and DDP have one group, so the work per step does
+    not grow with the number of modules; FSDP2 one per sharding unit (transformer block). One layer per
+    group multiplies batches of one: the same kernels, the same bits. `defer_grads` (one process only, with
+    a single group): the gradients go straight into `.grad` with one foreach operation at the end of the
+    backward; elsewhere they flow through autograd, so that the engine's gradient reduction (DDP finishes it in
+    its own end-of-backward callback, queued after this one) sees and keeps them. `coef` is gamma /
     (2 x modules) times `scale(factor)` (1 / grad_accum and an fp16 loss scale); `twice_coef` holds 2 x coef
     (the derivative's factor) on the layers' device, so that nothing is read back to the host.
     """
 
-    def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float, batched: bool = False,
+    def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float, groups: list[list[int]] | None = None,
                  defer_grads: bool = False):
         super().__init__()
-        if defer_grads and not batched:
-            raise ValueError("defer_grads needs batched (one hook that sees every factor)")
-        self.layers, self.batched, self.defer_grads = layers, batched, defer_grads
+        groups = groups if groups is not None else [[index] for index in range(len(layers))]
+        if defer_grads and len(groups) != 1:
+            raise ValueError("defer_grads needs a single group (one hook that sees every factor)")
+        self.layers, self.defer_grads = layers, defer_grads
         self.weight = gamma / (2 * len(layers))
         self.coef = self.weight
         device = layers[0].lora_A.device
         self.twice_coef = torch.tensor(2 * self.coef, device=device)
         self.minus_eye = {r: -torch.eye(r, device=device) for r in {layer.r_max for layer in layers}}
-        if batched:
-            plans = [(layers[0], self._groups(range(len(layers))))]
-        else:
-            plans = [(layer, self._groups([index])) for index, layer in enumerate(layers)]
+        plans = [(layers[members[0]], self._groups(members)) for members in groups]
         self.groups = [group for _, groups in plans for group in groups]
         self.last: list[torch.Tensor | None] = [None] * len(self.groups)  # each group's norms
         slot = 0

@@ -179,6 +179,36 @@ def test_one_decision_refreshes_replicated_copies_with_one_collective(engine, re
     assert res["refreshes"] == expected, f"{engine}: {res['refreshes']} collectives for one decision"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resident_groups_are_the_layers_each_engine_holds_whole_together(engine, results):
+    """The orthogonality regularizer puts one hook on each resident group: DDP and ZeRO-1/2 hold every
+    adapter whole (one group), FSDP2 all-gathers a transformer block at once (a group per block), ZeRO-3 keeps
+    the factors under its persistence threshold whole (one group) and gathers the rest per module, as FSDP1's
+    units here."""
+    res = results(engine)
+    groups = res["groups"]
+    sites = [site for group in groups for site in group]
+    assert sorted(sites) == sorted({name.rsplit(".", 1)[0] for name in res["persistent"]}), groups
+    block = [_block_of(group[0]) for group in groups]
+    if engine == "ddp" or engine.startswith(("zero1", "zero2")):
+        assert len(groups) == 1
+    elif engine.startswith("fsdp2"):
+        assert all({_block_of(site) for site in group} == {block[i]} for i, group in enumerate(groups))
+        assert len(set(block)) == len(groups) < len(sites)
+    elif engine.startswith("zero3"):
+        whole = [s for s in sites if res["persistent"][f"{s}.A"] and res["persistent"][f"{s}.B"]]
+        assert groups == ([whole] if whole else []) + [[s] for s in sites if s not in whole], groups
+    else:
+        assert all(len(group) == 1 for group in groups)
+
+
+def _block_of(site: str) -> str:
+    """'bert.encoder.layer.1.attention.self.query' -> 'bert.encoder.layer.1'."""
+    parts = site.split(".")
+    index = next(i for i, part in enumerate(parts) if part.isdigit())
+    return ".".join(parts[:index + 1])
+
+
 @pytest.mark.parametrize("engine", [e for e in ENGINES if e.startswith("zero3")])
 def test_zero3_persistent_parameters_are_scored_from_their_partition(engine, results):
     """Under the persistence threshold ZeRO-3 keeps a parameter whole on every rank, but its fp32 master and

@@ -57,7 +57,10 @@ COPYING = ("zero1", "zero3_offload")
 class _Copying:
     """Wraps an access so that storage() hands out copies instead of views."""
 
-    whole_tensors = replicated = False  # copies, never the parameters themselves
+    whole_tensors = False  # copies, never the parameters themselves
+
+    def resident_groups(self, layers):
+        return self.inner.resident_groups(layers)
 
     def __init__(self, inner):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
@@ -203,6 +206,7 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
                              for t in (local.values, local.grad, held.values, held.grad))
     slices, storage, attached = gather(mine), gather(ranges), gather(attached)
     persistent = {name: bool(getattr(p, "ds_persist", False)) for name, p in adapter_params(model).items()}
+    groups = [[layers[index].site for index in group] for group in access.resident_groups(layers)]
 
     # (b) tracker partial sums, all-reduced
     sums = tracker_sums(method, layers, access)
@@ -230,7 +234,7 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
                     "storage": {n: [s[n] for s in storage] for n in ranges},
                     "sums": sums.cpu(), "written": written, "master": master, "logits": logits,
                     "stepped": stepped, "persistent": persistent, "attached": attached, "refreshes": refreshes,
-                    "seconds": time.time() - start},
+                    "groups": groups, "seconds": time.time() - start},
                    os.path.join(out_dir, f"{kind}.pt"))
     if kind in DEEPSPEED:
         engine.model.destroy()
