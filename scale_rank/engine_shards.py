@@ -292,13 +292,10 @@ class DeepSpeedAccess:
                     self._group_of[id(param)] = index
 
     def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
-        """ZeRO-1/2 keep every parameter whole, and ZeRO-3 every parameter under its persistence threshold
-        (`ds_persist`; LoRA factors usually are): those layers form one group. A layer with a partitioned
-        factor exists whole only around its own forward and backward: a group of its own."""
-        whole = [index for index, layer in enumerate(layers)
-                 if not any(self._is_zero3(p) and not p.ds_persist for p in (layer.lora_A, layer.lora_B))]
-        grouped = set(whole)
-        return ([whole] if whole else []) + [[index] for index in range(len(layers)) if index not in grouped]
+        """ZeRO-1/2 keep every parameter whole: one group. ZeRO-3 gathers a parameter around its own module
+        only, even one under its persistence threshold (after a checkpoint is loaded, such a factor was found
+        released between another module's forward and the backward): a group per layer."""
+        return one_group_per_layer(layers) if self.stage == 3 else [list(range(len(layers)))]
 
     # -- which kind of parameter --------------------------------------------------------------------
     @staticmethod
