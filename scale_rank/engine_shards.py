@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .shards import LocalSlice, WholeTensorAccess, narrow, one_group_per_layer, split_range
+from .shards import LocalSlice, WholeTensorAccess, narrow, one_group, one_group_per_layer, split_range
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -91,13 +91,14 @@ class FSDP2Access:
         """One group per sharding unit (the nearest enclosing module `fully_shard` was applied to): FSDP2
         all-gathers a unit's parameters together before its forward and again before its backward."""
         from torch.distributed.fsdp import FSDPModule
-        unit_of: dict[str, nn.Module | None] = {}
+        unit_by_name: dict[str, nn.Module | None] = {}
+        unit_of: dict[int, nn.Module | None] = {}  # id(module) -> its unit (parents come first)
         for name, module in self.model.named_modules():
-            unit_of[name] = module if isinstance(module, FSDPModule) else unit_of.get(name.rpartition(".")[0])
-        name_of = {id(module): name for name, module in self.model.named_modules()}
+            unit = module if isinstance(module, FSDPModule) else unit_by_name.get(name.rpartition(".")[0])
+            unit_by_name[name], unit_of[id(module)] = unit, unit
         members: dict[int, list[int]] = {}
         for index, layer in enumerate(layers):
-            members.setdefault(id(unit_of[name_of[id(layer)]]), []).append(index)
+            members.setdefault(id(unit_of[id(layer)]), []).append(index)
         return list(members.values())
 
     def _layout(self, param) -> tuple[int, int, int, int]:
@@ -295,7 +296,7 @@ class DeepSpeedAccess:
         """ZeRO-1/2 keep every parameter whole: one group. ZeRO-3 gathers a parameter around its own module
         only, even one under its persistence threshold (after a checkpoint is loaded, such a factor was found
         released between another module's forward and the backward): a group per layer."""
-        return one_group_per_layer(layers) if self.stage == 3 else [list(range(len(layers)))]
+        return one_group_per_layer(layers) if self.stage == 3 else one_group(layers)
 
     # -- which kind of parameter --------------------------------------------------------------------
     @staticmethod

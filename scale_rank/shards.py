@@ -52,6 +52,11 @@ def one_group_per_layer(layers: list[nn.Module]) -> list[list[int]]:
     return [[index] for index in range(len(layers))]
 
 
+def one_group(layers: list[nn.Module]) -> list[list[int]]:
+    """`ShardAccess.resident_groups` of engines that keep every adapter parameter whole at all times."""
+    return [list(range(len(layers)))]
+
+
 def split_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
     """This rank's contiguous share of `numel` elements (ranks beyond the end get an empty range)."""
     chunk = -(-numel // world_size)
@@ -75,8 +80,7 @@ class WholeTensorAccess:
         self.rank, self.world_size = rank, world_size
         self.whole_tensors = world_size == 1
 
-    def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
-        return [list(range(len(layers)))]
+    resident_groups = staticmethod(one_group)
 
     def storage(self, param: nn.Parameter) -> LocalSlice:
         grad = None if param.grad is None else param.grad.detach().reshape(-1)

@@ -245,6 +245,7 @@ def test_method_defaults_follow_methods_md():
     paper = method_config("increlora", init="paper")
     assert (paper.resolved_r_start(), paper.resolved_activation()) == (1, "reserve")
     sora = method_config("sora")
-    assert (sora.r_max, sora.alpha, sora.l1, sora.xi_mode, sora.xi, sora.init) == (8, 16.0, 0.0, "absolute", 3e-4, "lora")
+    assert (sora.r_max, sora.alpha, sora.l1, sora.xi_mode, sora.xi, sora.init) == \
+        (8, 16.0, 0.0, "absolute", 3e-4, "lora")
     pri = method_config("prilora")
     assert (pri.r_first, pri.r_last, pri.prune_interval, pri.prune_ratio, pri.beta) == (4, 12, 100, 0.5, 0.9)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..layer import AdaptiveLoRALayer, in_backward
+from ..shards import one_group_per_layer
 
 
 class LayerHooks:
@@ -136,7 +137,7 @@ class OrthogonalityRegularizer(LayerHooks):
     def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float, groups: list[list[int]] | None = None,
                  defer_grads: bool = False):
         super().__init__()
-        groups = groups if groups is not None else [[index] for index in range(len(layers))]
+        groups = groups if groups is not None else one_group_per_layer(layers)
         if defer_grads and len(groups) != 1:
             raise ValueError("defer_grads needs a single group (one hook that sees every factor)")
         self.layers, self.defer_grads = layers, defer_grads
