@@ -248,11 +248,12 @@ def label(spec: str) -> str:
 
 
 def method_settings(spec: str, plan: TaskPlan, rank: int) -> MethodConfig:
-    """The recipe's method config (paper constants) with the matched budget, the plan's schedule and the
-    spec's overrides (`name@key=value+key=value`)."""
+    """The recipe's method config (paper constants) with the matched budget and the plan's schedule, under the
+    spec's overrides (`name@key=value+key=value`), which win over both."""
     name, overrides = split_spec(spec)
     base = load_config(RECIPES / f"{plan.task}_{name}.yaml", [f"method.{k}={v}" for k, v in overrides.items()]).method
-    cfg = dataclasses.replace(base, **budget_options(name, rank), **plan.schedule.get(name, {}))
+    planned = {**budget_options(name, rank), **plan.schedule.get(name, {})}
+    cfg = dataclasses.replace(base, **{key: value for key, value in planned.items() if key not in overrides})
     cfg.validate(plan.steps)
     return cfg
 

@@ -140,3 +140,20 @@ def test_each_torch_engine_trains_clips_saves_and_loads_one_process(kind, refere
         torch.testing.assert_close(run["loaded"][name], tensor, rtol=0, atol=0, msg=name)
         torch.testing.assert_close(tensor, reference["saved"][name], rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(run["losses"], reference["losses"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_each_torch_engine_checkpoints_the_fp16_loss_scale(kind, one_rank_group, tmp_path, single_thread):
+    """A resumed fp16 run continues with the loss scale it had, not GradScaler's initial 65536."""
+    model, groups = _adapted()
+    engine = make_engine(kind, model, groups, TrainConfig(lr=1e-2, warmup_steps=0, precision="fp16"), 10,
+                         ONE_PROCESS)
+    ids, labels = fixed_batches()[0]
+    engine.backward(engine.forward({"input_ids": ids, "labels": labels}).loss, 1)
+    engine.prepare_step()
+    engine.step()
+    engine.scaler.update(new_scale=1024.0)  # as after a run of overflows
+    engine.save_state(tmp_path)
+    engine.scaler.update(new_scale=8.0)
+    engine.load_state(tmp_path)
+    assert engine.grad_scale() == 1024.0

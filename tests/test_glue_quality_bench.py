@@ -120,6 +120,8 @@ def test_method_specs_carry_settings(bench):
     paper = bench.method_settings("adalora@init=paper+gamma=0", plan, rank=8)
     assert (paper.init, paper.gamma, paper.r_init) == ("paper", 0.0, 12)
     assert bench.method_settings("adalora", plan, rank=8).init == "lora"
+    wider = bench.method_settings("adalora@r_init=16+delta_t=5", plan, rank=8)  # over the budget and schedule
+    assert (wider.r_init, wider.r_target, wider.delta_t, wider.t_init) == (16, 8, 5, 30)
     with pytest.raises(Exception, match="unknown method option"):
         bench.method_settings("adalora@no_such=1", plan, rank=8)
 

@@ -19,7 +19,7 @@ from .torch_engine import TorchEngine
 class FSDPEngine(TorchEngine):
     """What FSDP2 and FSDP1 share: the hybrid-sharding mesh, full tensors gathered from the shards, and the
     sharded checkpoint (the trainable part of the model and the optimizer as a distributed checkpoint in
-    `dcp/`, the schedule in `engine.pt`; the frozen base is neither saved nor loaded)."""
+    `dcp/`, the schedule and the fp16 loss scaler in `engine.pt`; the frozen base is neither saved nor loaded)."""
 
     def __init__(self, model: nn.Module, param_groups: list[dict], cfg: TrainConfig, total_steps: int,
                  proc: ProcessInfo, shard_size: int | None = None):
@@ -40,7 +40,7 @@ class FSDPEngine(TorchEngine):
             ignore_frozen_params=True))
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory / "dcp"))
         if self.proc.is_main:
-            torch.save({"scheduler": self.scheduler.state_dict()}, directory / "engine.pt")
+            torch.save(self.schedule_state(), directory / "engine.pt")
 
     def load_state(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -52,7 +52,7 @@ class FSDPEngine(TorchEngine):
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"],  # frozen base: not saved, not loaded
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
-        self.scheduler.load_state_dict(torch.load(directory / "engine.pt", weights_only=False)["scheduler"])
+        self.load_schedule_state(torch.load(directory / "engine.pt", weights_only=False))
 
 
 class FSDP2Engine(FSDPEngine):

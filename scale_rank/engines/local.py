@@ -34,9 +34,8 @@ class LocalEngine(TorchEngine):
             return
         wanted = set(self.trainable_names())
         state = {k: v for k, v in self.module.state_dict().items() if unwrapped_name(k) in wanted}
-        torch.save({"model": state, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler else None}, directory / "engine.pt")
+        torch.save({"model": state, "optimizer": self.optimizer.state_dict(), **self.schedule_state()},
+                   directory / "engine.pt")
 
     def load_state(self, directory: Path) -> None:
         saved = torch.load(directory / "engine.pt", map_location=self.proc.device, weights_only=False)
@@ -46,9 +45,7 @@ class LocalEngine(TorchEngine):
                              "model or method")
         self.module.load_state_dict(saved["model"], strict=False)
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        if self.scaler is not None and saved["scaler"] is not None:
-            self.scaler.load_state_dict(saved["scaler"])
+        self.load_schedule_state(saved)
 
 
 class DDPEngine(LocalEngine):

@@ -88,6 +88,17 @@ class TorchEngine(Engine):
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    # -- checkpoint ----------------------------------------------------------------------------------
+    def schedule_state(self) -> dict:
+        """What every rank holds alike besides model and optimizer: the schedule and the fp16 loss scaler."""
+        return {"scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_schedule_state(self, saved: dict) -> None:
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler is not None and saved.get("scaler") is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+
 
 def _group_names(param_groups: list[dict], model: nn.Module) -> list[list[str]]:
     """The names in `model` of each group's parameters."""
