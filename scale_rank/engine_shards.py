@@ -80,7 +80,7 @@ class FSDP2Access:
     sharded the same way, so edits are in place.
     """
 
-    whole_tensors = False  # local shards (ShardAccess)
+    whole_tensors = stores_whole = False  # local shards (ShardAccess)
 
     def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1):
         self.model, self.rank, self.world_size = model, rank, world_size
@@ -180,7 +180,7 @@ class FSDP1Access:
     gradient is the matching view of the flat gradient. Call after backward (parameters resharded).
     """
 
-    whole_tensors = False  # local shards (ShardAccess)
+    whole_tensors = stores_whole = False  # local shards (ShardAccess)
     resident_groups = staticmethod(one_group_per_layer)
 
     def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1):
@@ -271,7 +271,7 @@ class DeepSpeedAccess:
     whole replicated tensor, scored 1/world by each rank).
     """
 
-    whole_tensors = False  # local shards (ShardAccess)
+    whole_tensors = stores_whole = False  # local shards (ShardAccess)
 
     def __init__(self, engine, rank: int = 0, world_size: int = 1):
         self.engine = engine

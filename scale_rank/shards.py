@@ -29,6 +29,10 @@ class ShardAccess(Protocol):
     # itself (one process): methods may then work on the parameters directly, with one `torch._foreach_*`
     # operation for all modules instead of a slice per parameter
     whole_tensors: bool
+    # True when this rank stores every element of every adapter parameter (and its gradient) in the parameter
+    # tensor itself (one process, DDP): edits, which every rank makes alike, may then work on the parameters
+    # directly, one `torch._foreach_*` operation for all modules (scoring still follows `scoring`)
+    stores_whole: bool
 
     def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
         """Indices of `layers` (model order) in groups whose parameters are all present, whole, in the
@@ -79,6 +83,7 @@ class WholeTensorAccess:
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
         self.whole_tensors = world_size == 1
+        self.stores_whole = True
 
     resident_groups = staticmethod(one_group)
 

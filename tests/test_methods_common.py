@@ -287,7 +287,7 @@ def test_whole_tensor_path_equals_the_sliced_path_bit_for_bit(name, monkeypatch)
         class Access(WholeTensorAccess):
             def __init__(self, rank: int = 0, world_size: int = 1):
                 super().__init__(rank, world_size)
-                self.whole_tensors = whole
+                self.whole_tensors = self.stores_whole = whole
         monkeypatch.setattr(scale_rank.controller, "WholeTensorAccess", Access)
         run = Run(name, **short_run_options(name))
         assert run.controller.access.whole_tensors == whole

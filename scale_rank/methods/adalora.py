@@ -75,7 +75,7 @@ class AdaLoRA(Method):
             self.zero_pruned_lam()
 
     def zero_pruned_lam(self) -> None:
-        if self.access.whole_tensors:  # the lam parameters themselves, all in one foreach product
+        if self.access.stores_whole:  # the lam parameters themselves, all in one foreach product
             keep = self.mask.to(self.layers[0].lora_lam.device, self.layers[0].lora_lam.dtype)
             with torch.no_grad():
                 torch._foreach_mul_([layer.lora_lam for layer in self.layers], keep.split(self.layout.capacities))

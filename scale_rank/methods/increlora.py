@@ -123,7 +123,7 @@ class IncreLoRA(Method):
 
     def _freeze_reserve_lam_grads(self) -> None:
         """Reserve lam gets no gradient, so its optimizer moments are still zero when it is activated."""
-        if self.access.whole_tensors:  # the gradients themselves, one foreach product for all reserve modules
+        if self.access.stores_whole:  # the gradients themselves, one foreach product for all reserve modules
             keeps = self._per_module(1 - self.reserve)
             pairs = [(self.layers[k].lora_lam.grad, keeps[k]) for k in self.reserve_modules
                      if self.layers[k].lora_lam.grad is not None]
@@ -241,7 +241,7 @@ class IncreLoRA(Method):
     def _reset_reserves(self) -> None:
         """Reserve lam stays frozen at reserve_lam (their A and B train)."""
         value = self.config.reserve_lam
-        if self.access.whole_tensors and self.reserve_modules:  # lam (1 - reserve) + reserve value, foreach
+        if self.access.stores_whole and self.reserve_modules:  # lam (1 - reserve) + reserve value, foreach
             parts = self._per_module(self.reserve)
             lams = [self.layers[k].lora_lam for k in self.reserve_modules]
             parts = [parts[k] for k in self.reserve_modules]

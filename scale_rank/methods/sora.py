@@ -93,15 +93,16 @@ class SoRA(Method):
     def apply(self, decision: torch.Tensor | None, step: int) -> None:
         """Soft-threshold the local gates, then count the non-zero ones (the step's one all-reduce)."""
         xi = self._step_xi
-        if self.access.whole_tensors:  # the gate parameters themselves: no slice per module
-            gates = [layer.lora_lam for layer in self.layers]
-            soft_threshold(gates, xi)
-            with torch.no_grad():
-                gates = torch.cat(gates)
+        if self.access.stores_whole:  # the gate parameters themselves: no slice per module
+            soft_threshold([layer.lora_lam for layer in self.layers], xi)
         else:
             for layer in self.layers:
                 edit_local(self.access, layer.lora_lam, lambda local: soft_threshold([local.values], xi))
-            gates = torch.cat([self.access.scoring(layer.lora_lam).values for layer in self.layers])
+        with torch.no_grad():
+            if self.access.whole_tensors:
+                gates = torch.cat([layer.lora_lam for layer in self.layers])
+            else:
+                gates = torch.cat([self.access.scoring(layer.lora_lam).values for layer in self.layers])
         counts = torch.zeros(self.layout.n_components, dtype=torch.float64, device=gates.device)
         counts.index_add_(0, self.gate_index, gates.ne(0).double())
         self.mask = self.comm.all_reduce_sum(counts).gt(0).float().cpu()

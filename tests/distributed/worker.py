@@ -57,7 +57,7 @@ COPYING = ("zero1", "zero3_offload")
 class _Copying:
     """Wraps an access so that storage() hands out copies instead of views."""
 
-    whole_tensors = False  # copies, never the parameters themselves
+    whole_tensors = stores_whole = False  # copies, never the parameters themselves
 
     def resident_groups(self, layers):
         return self.inner.resident_groups(layers)
