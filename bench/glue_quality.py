@@ -58,6 +58,8 @@ from scale_rank.train import resolve_total_steps  # noqa: E402
 
 SCALE_RANK_METHODS = ("lora", "adalora", "sora", "increlora", "prilora")
 PEFT_METHODS = ("peft_lora", "peft_adalora")
+# the scale_rank settings each PEFT run takes: PEFT's AdaLoRA is the papers' (Gaussian start, lam 0, gamma 0.1)
+PEFT_SETTINGS = {"peft_lora": "lora", "peft_adalora": "adalora@init=paper"}
 ALL_METHODS = SCALE_RANK_METHODS + PEFT_METHODS
 LABELS = {"lora": "LoRA", "adalora": "AdaLoRA", "sora": "SoRA", "increlora": "IncreLoRA", "prilora": "PRILoRA",
           "peft_lora": "PEFT LoRA", "peft_adalora": "PEFT AdaLoRA"}
@@ -276,7 +278,7 @@ def plan_text(plan: TaskPlan, rank: int) -> str:
     grouping = f" (grouped by length over {plan.length_groups} batches)" if plan.length_groups > 1 else ""
     return (f"{plan.task}: {plan.steps} steps, batch {plan.batch_size}{grouping}, max_length {plan.max_length}, "
             f"lr {plan.lr:g}, warmup {plan.warmup}, dev eval {evaluation}, data {plan.source}; AdaLoRA t_init "
-            f"{t_init} t_final {t_final} delta_t {ada.delta_t} gamma {ada.gamma:g}; IncreLoRA t_init "
+            f"{t_init} t_final {t_final} delta_t {ada.delta_t} gamma {ada.resolved_gamma():g}; IncreLoRA t_init "
             f"{inc.t_init if inc.t_init is not None else 'auto'} interval {inc.incre_interval or 'auto'}; "
             f"PRILoRA prune every {pri.prune_interval}")
 
@@ -292,7 +294,7 @@ def peft_config(name: str, cfg: MethodConfig, steps: int, targets: str):
     t_init, t_final = cfg.resolved_phases(steps)
     return AdaLoraConfig(task_type="SEQ_CLS", init_r=cfg.r_init, target_r=cfg.r_target, lora_alpha=cfg.alpha,
                          lora_dropout=cfg.dropout, tinit=t_init, tfinal=t_final, deltaT=cfg.delta_t,
-                         beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.gamma, total_step=steps,
+                         beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.resolved_gamma(), total_step=steps,
                          target_modules=targets)
 
 
@@ -328,7 +330,7 @@ def optimizer_and_schedule(groups: list[dict], plan: TaskPlan):
 
 def build_peft_run(name: str, base: nn.Module, plan: TaskPlan, rank: int, seed: int, device: str) -> Run:
     from peft import get_peft_model
-    cfg = method_settings(name.removeprefix("peft_"), plan, rank)
+    cfg = method_settings(PEFT_SETTINGS[name], plan, rank)
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), peft_config(name, cfg, plan.steps, exact_names_regex(base)))
     model.to(device)

@@ -237,13 +237,18 @@ def test_yaml_and_overrides_give_typed_config(tmp_path):
 
 def test_method_defaults_follow_methods_md():
     ada = method_config("adalora")
-    assert (ada.beta1, ada.beta2, ada.gamma) == (0.85, 0.85, 0.1)
+    assert (ada.beta1, ada.beta2, ada.resolved_gamma()) == (0.85, 0.85, 0.03)
     inc = method_config("increlora")
-    assert (inc.reserve_lam, inc.gamma, inc.score, inc.scale_rule) == (1e-5, 0.1, "component", "fixed")
+    assert (inc.reserve_lam, inc.resolved_gamma(), inc.score, inc.scale_rule) == (1e-5, 0.1, "component", "fixed")
     # the default start: half the target rank, activated components rebalanced; the papers': rank 1, reserve
     assert (inc.resolved_r_start(), inc.resolved_activation()) == (inc.r_target // 2, "rebalance")
     paper = method_config("increlora", init="paper")
     assert (paper.resolved_r_start(), paper.resolved_activation()) == (1, "reserve")
+    # AdaLoRA's regularizer: a third of the papers' weight with the LoRA-like start, theirs with init=paper,
+    # and a given gamma whatever the start
+    assert method_config("adalora", init="paper").resolved_gamma() == 0.1
+    assert method_config("adalora", init="paper", gamma=0.5).resolved_gamma() == 0.5
+    assert method_config("adalora", gamma=0.0).resolved_gamma() == 0.0
     sora = method_config("sora")
     assert (sora.r_max, sora.alpha, sora.l1, sora.xi_mode, sora.xi, sora.init) == \
         (8, 16.0, 0.0, "absolute", 3e-4, "lora")

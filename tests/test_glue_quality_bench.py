@@ -109,7 +109,7 @@ def test_full_profile_uses_the_recipes_scaled_to_the_steps(bench):
     assert short.schedule["adalora"] == {"t_init": 60, "t_final": 180, "delta_t": 1}
     assert short.schedule["prilora"] == {"prune_interval": 10} and short.eval_every == 10
     settings = bench.method_settings("adalora", short, rank=8)
-    assert (settings.r_init, settings.r_target, settings.gamma) == (12, 8, 0.1)
+    assert (settings.r_init, settings.r_target, settings.resolved_gamma()) == (12, 8, 0.03)
 
 
 def test_method_specs_carry_settings(bench):

@@ -74,9 +74,10 @@ class Method:
         """Take the layers (in model order), shard access and collectives; (re)install the method's hooks."""
         self.remove_hooks()
         self.layers, self.access, self.comm = layers, access, comm
-        if self.config.gamma > 0:
+        gamma = self.config.resolved_gamma()
+        if gamma > 0:
             self.regularizer = self.install(OrthogonalityRegularizer(
-                layers, self.config.gamma, access.resident_groups(layers), defer_grads=access.whole_tensors))
+                layers, gamma, access.resident_groups(layers), defer_grads=access.whole_tensors))
         self.layout = ComponentLayout(layers)
         self.mask = torch.cat([layer.active.detach().float().cpu() for layer in layers])  # replicated buffer
 

@@ -275,7 +275,7 @@ def block_bytes(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs, 
     themselves are parameters)."""
     sites = [site for site in plan.sites if site.linear.layer_index == layer and site.linear.in_block]
     fixed = sum(site.rank for site in sites) * inputs.adapter_bytes if plan.gate_saved else 0
-    if plan.method.gamma > 0:
+    if plan.method.resolved_gamma() > 0:
         fixed += sum(8 * site.rank ** 2 for site in sites)
     return sum(layer_terms(geometry, plan, inputs, layer).values()) * inputs.tokens + fixed
 
