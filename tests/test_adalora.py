@@ -294,3 +294,15 @@ def test_the_default_start_has_the_default_loras_update_scale():
     assert all(torch.all(layer.lora_lam == 1) for layer in run.layers)
     with pytest.raises(ConfigError, match="method.init_lam"):
         AdaLoRAConfig(init_lam=0).validate(100)
+
+
+@pytest.mark.parametrize("options, gamma", [({}, 0.03), ({"init": "paper"}, 0.1), ({"gamma": 0.2}, 0.2),
+                                            ({"init": "paper", "gamma": 0.0}, 0.0)])
+def test_the_regularizer_weight_follows_the_start_unless_given(options, gamma):
+    """A third of the papers' weight with the default LoRA-like start, theirs (0.1) with init=paper, so that
+    init=paper alone is the papers' AdaLoRA; a given gamma wins with either start (0: no regularizer at all)."""
+    run = Run("adalora", total_steps=10, r_init=4, r_target=2, **options)
+    if gamma == 0:
+        assert run.method.regularizer is None
+    else:
+        assert run.method.regularizer.weight == pytest.approx(gamma / (2 * len(run.layers)))
