@@ -1,6 +1,8 @@
 """GLUE dev quality of scale_rank's five methods against PEFT's LoRA and AdaLoRA, at matched budgets.
 
     python bench/glue_quality.py --profile quick --json glue_quality.json   # SST-2 + MRPC, 3 seeds, 2 CPU cores
+    python bench/glue_quality.py --profile separate --workers 2 --json separate.json   # the README's tables
+    python bench/glue_quality.py --profile long --workers 2 --json long.json   # SST-2, 3x as many steps
     python bench/glue_quality.py --profile full --device cuda --json glue_full.json   # all GLUE, 5 seeds
     python bench/glue_quality.py --tasks mrpc --seeds 0 --steps 10          # smoke run
 
@@ -90,6 +92,8 @@ SHORT_PROFILES = {
               "mrpc": ShortShape(steps=110, batch_size=16, max_length=128)},
     "separate": {"sst2": ShortShape(steps=300, batch_size=16, max_length=64, length_groups=8),
                  "mrpc": ShortShape(steps=300, batch_size=16, max_length=96, length_groups=8)},
+    "long": {"sst2": ShortShape(steps=900, batch_size=16, max_length=64, length_groups=8),
+             "mrpc": ShortShape(steps=900, batch_size=16, max_length=96, length_groups=8)},
 }
 PAPER_VARIANTS = ("adalora@init=paper", "increlora@init=paper")
 # pooling: the sentence vector the classifier head reads, "cls" (the model's pooler on the CLS token) or "mean"
@@ -97,6 +101,10 @@ PAPER_VARIANTS = ("adalora@init=paper", "increlora@init=paper")
 PROFILES = {"quick": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2), "methods": ALL_METHODS, "pooling": "cls"},
             "separate": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2), "methods": ALL_METHODS + PAPER_VARIANTS[:1],
                          "pooling": "mean"},  # fits 90 min
+            # long: separate's shapes run three times as long; SST-2 only (MRPC with --tasks), no PEFT AdaLoRA
+            # (its row is separate's), so that 6 configurations x 3 seeds fit about 45 minutes on 2 cores
+            "long": {"tasks": ("sst2",), "seeds": (0, 1, 2), "methods": SCALE_RANK_METHODS + PEFT_METHODS[:1],
+                     "pooling": "mean"},
             "full": {"tasks": tuple(glue.TASKS), "seeds": (0, 1, 2, 3, 4), "methods": ALL_METHODS + PAPER_VARIANTS,
                      "pooling": "mean"}}
 POOLINGS = ("cls", "mean")

@@ -1,6 +1,6 @@
 """The fixed-capacity adapter layer.
 
-h = W0 x + scale * B((lam * active) * (A dropout(x)))
+h = W0 x + B((scale * lam * active) * (A dropout(x)))
 
 A (r_max x d_in), B (d_out x r_max) and lam (r_max) are parameters whose shapes never change; `active` is
 a 0/1 buffer that switches whole components in or out of the forward pass. Methods change ranks only by
@@ -111,11 +111,18 @@ class AdaptiveLoRALayer(nn.Module):
         x_in = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself,
             x_in = x_in.to(A.dtype)  # and no float32 copy of the activation is made and saved
-        h = x_in @ A.t()
-        if self.gated:  # lam alone while every component is active (AdaLoRA and SoRA always: they zero lam)
-            h = h * (self.lora_lam if self.kept_components() is None else self.lora_lam * self.active.to(A.dtype))
-        delta = (h @ B.t()) * self.scale.to(A.dtype)
+        delta = ((x_in @ A.t()) * self.gain(A.dtype)) @ B.t()
         return out + delta.to(out.dtype)
+
+    def gain(self, dtype: torch.dtype) -> torch.Tensor:
+        """What multiplies the r_max components between A and B: scale (plain LoRA) or scale * lam, times
+        `active` while some component is off (AdaLoRA and SoRA zero lam instead). Applied to the (tokens x r)
+        product rather than to the (tokens x d_out) output: the same function, a fraction of the work."""
+        scale = self.scale.to(dtype)
+        if not self.gated:
+            return scale
+        lam = self.lora_lam if self.kept_components() is None else self.lora_lam * self.active.to(dtype)
+        return lam * scale
 
     def kept_components(self) -> torch.Tensor | None:
         """Indices of the active components (None: all of them), recomputed only when `active` changes.
