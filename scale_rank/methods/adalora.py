@@ -24,7 +24,6 @@ def keep_top(scores: torch.Tensor, budget: int) -> torch.Tensor:
 class AdaLoRA(Method):
     name = "adalora"
     config: AdaLoRAConfig
-    switches_components = False  # pruning zeroes lam
 
     @classmethod
     def site_capacity(cls, config: AdaLoRAConfig, layer_index: int, n_layers: int) -> int:

@@ -39,7 +39,6 @@ class Method:
     decision_per_module = False  # decisions are per component (False) or per module (True)
     allocates_ranks = True  # False: fixed ranks, nothing happens without the controller (plain LoRA)
     trains_lam = True  # False: lam stays fixed at 1 (a parameter without gradient)
-    switches_components = True  # False: `active` stays 1 (ranks change through lam): the forward saves no gate
 
     def __init__(self, config: MethodConfig, total_steps: int | None):
         self.config = config

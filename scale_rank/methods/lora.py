@@ -12,7 +12,6 @@ class LoRA(Method):
 
     allocates_ranks = False
     trains_lam = False
-    switches_components = False  # plain LoRA math: no gate at all
 
     @classmethod
     def site_capacity(cls, config: LoRAConfig, layer_index: int, n_layers: int) -> int:

@@ -33,7 +33,6 @@ class PRILoRA(Method):
     config: PRILoRAConfig
 
     trains_lam = False
-    switches_components = False  # plain LoRA math: no gate at all
 
     @classmethod
     def site_capacity(cls, config: PRILoRAConfig, layer_index: int, n_layers: int) -> int:

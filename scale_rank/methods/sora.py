@@ -30,7 +30,6 @@ def soft_threshold(gates: list[torch.Tensor], xi: float) -> None:
 class SoRA(Method):
     name = "sora"
     config: SoRAConfig
-    switches_components = False  # the proximal step zeroes gates
 
     @classmethod
     def site_capacity(cls, config: SoRAConfig, layer_index: int, n_layers: int) -> int:

@@ -42,11 +42,6 @@ class AdapterPlan:
         return method_class(self.method.name).trains_lam
 
     @property
-    def gate_saved(self) -> bool:
-        """Whether each adapted layer's forward saves its gate lam * active (methods that switch components)."""
-        return method_class(self.method.name).switches_components
-
-    @property
     def modules(self) -> int:
         return len(self.sites)
 

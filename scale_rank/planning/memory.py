@@ -22,7 +22,7 @@ bytes, a adapter bytes):
   adapter ranks     r a per adapted layer (lora_B's input), twice where lam trains (lam's gradient input)
 The first block's input norm saves nothing (frozen embeddings need no gradient). Outside the blocks: the final
 norm (4h + 4) and int64 targets (8) per token, and the rotary cos / sin tables (2 s head_dim p). Per adapted
-layer, independent of tokens: its gate lam * active (r a, IncreLoRA) and the orthogonality regularizer's tensors
+layer, independent of tokens: its gain scale * lam (r a, where lam trains) and the orthogonality regularizer's tensors
 (block_bytes). Full checkpointing (Korthikanti: 2sbh per layer plus one layer rebuilt in
 backward) keeps each block's input, h p per token.
 The loss: transformers upcasts the logits to float32 and log_softmax saves its float32 output (4 bytes per
@@ -269,12 +269,12 @@ def activations(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs) 
 
 
 def block_bytes(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs, layer: int) -> int:
-    """What block `layer` saves for one micro-batch: per-token terms plus, per adapted layer, its gate
-    lam * active (r a) where the method switches components (IncreLoRA; AdaLoRA and SoRA multiply by lam, a
-    parameter) and, with the orthogonality regularizer (gamma > 0), its two r x r float32 residuals (A and B
+    """What block `layer` saves for one micro-batch: per-token terms plus, per adapted layer, its gain
+    scale * lam (* active) (r a) where lam trains (`AdaptiveLoRALayer.gain`; plain LoRA's gain is the scale
+    buffer itself) and, with the orthogonality regularizer (gamma > 0), its two r x r float32 residuals (A and B
     themselves are parameters)."""
     sites = [site for site in plan.sites if site.linear.layer_index == layer and site.linear.in_block]
-    fixed = sum(site.rank for site in sites) * inputs.adapter_bytes if plan.gate_saved else 0
+    fixed = sum(site.rank for site in sites) * inputs.adapter_bytes if plan.lam_trains else 0
     if plan.method.resolved_gamma() > 0:
         fixed += sum(8 * site.rank ** 2 for site in sites)
     return sum(layer_terms(geometry, plan, inputs, layer).values()) * inputs.tokens + fixed
