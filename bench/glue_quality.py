@@ -102,7 +102,7 @@ PROFILES = {"quick": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2), "methods": 
             "separate": {"tasks": ("sst2", "mrpc"), "seeds": (0, 1, 2), "methods": ALL_METHODS + PAPER_VARIANTS[:1],
                          "pooling": "mean"},  # fits 90 min
             # long: separate's shapes run three times as long; SST-2 only (MRPC with --tasks), no PEFT AdaLoRA
-            # (its row is separate's), so that 6 configurations x 3 seeds fit about 45 minutes on 2 cores
+            # (its row is separate's): 6 configurations x 3 seeds, 57 min on 2 cores shared with a test run
             "long": {"tasks": ("sst2",), "seeds": (0, 1, 2), "methods": SCALE_RANK_METHODS + PEFT_METHODS[:1],
                      "pooling": "mean"},
             "full": {"tasks": tuple(glue.TASKS), "seeds": (0, 1, 2, 3, 4), "methods": ALL_METHODS + PAPER_VARIANTS,
