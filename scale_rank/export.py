@@ -82,7 +82,7 @@ def folded_lora(layer: AdaptiveLoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
     A' is (rank x d_in), B' is (d_out x rank), both on the CPU in the adapter's dtype; the fold is done in
     float32.
     """
-    multiplier = layer.gate().float() * layer.scale.float()
+    multiplier = layer.multiplier()
     keep = multiplier.ne(0).nonzero().squeeze(1)
     A = layer.lora_A.detach().float()[keep] * multiplier[keep, None]
     B = layer.lora_B.detach().float()[:, keep]

@@ -144,10 +144,15 @@ class AdaptiveLoRALayer(nn.Module):
         """The effective per-component multiplier lam * active (r_max)."""
         return self.lora_lam.detach() * self.active
 
+    def multiplier(self) -> torch.Tensor:
+        """scale * lam * active (r_max), detached, float32: the no-grad counterpart of `gain()`, what merging
+        and export fold into the factors."""
+        return self.gate().float() * self.scale.float()
+
     def delta_weight(self) -> torch.Tensor:
         """scale * B diag(gate) A as a (d_out x d_in) matrix (the base layer's orientation for Linear)."""
         A, B = self.lora_A.detach().float(), self.lora_B.detach().float()
-        return (B * (self.gate().float() * self.scale)) @ A
+        return (B * self.multiplier()) @ A
 
     def rank(self) -> int:
         return int((self.gate() != 0).sum())
