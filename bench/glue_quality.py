@@ -525,11 +525,30 @@ def primary_eval(evals: list[dict], metric: str) -> dict:
     return max(reversed(evals), key=lambda e: e[metric])
 
 
+def paired_vs_lora(runs: list[dict], lora: dict[int, float], metric: str) -> dict | None:
+    """The primary metric minus scale_rank LoRA's on the same seed (same batches, dropout masks and head), x100:
+    mean and std of those differences, how many are > 0, and issue 9's two lines against LoRA's own mean and
+    std over these seeds (at least LoRA - 0.5; ahead by more than one standard deviation). None without LoRA."""
+    pairs = [(100 * r["reported"][metric], lora[r["seed"]]) for r in runs if r["seed"] in lora]
+    if not pairs or runs[0]["method"] == "lora":
+        return None
+    diffs = [ours - theirs for ours, theirs in pairs]
+    theirs = [t for _, t in pairs]
+    lora_mean, lora_std = statistics.mean(theirs), statistics.stdev(theirs) if len(theirs) > 1 else 0.0
+    mean = statistics.mean(diffs)
+    return {"seeds": len(diffs), "mean": mean, "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "wins": sum(d > 0 for d in diffs), "within_half_point": mean >= -0.5,
+            "ahead_by_lora_std": len(diffs) > 1 and mean > lora_std, "lora_mean": lora_mean, "lora_std": lora_std}
+
+
 def summarize(records: list[dict], metric_names: dict[str, str]) -> list[dict]:
-    """One row per (task, method): metric mean/std over seeds, budgets, step time against PEFT LoRA."""
+    """One row per (task, method): metric mean/std over seeds, the paired difference from LoRA, budgets, step
+    time against PEFT LoRA."""
     rows = []
     for task in dict.fromkeys(r["task"] for r in records):
         reference = {r["seed"]: r["step_s"] for r in records if r["task"] == task and r["method"] == "peft_lora"}
+        lora = {r["seed"]: 100 * r["reported"][metric_names[task]] for r in records
+                if r["task"] == task and r["method"] == "lora"}
         for method in dict.fromkeys(r["method"] for r in records if r["task"] == task):
             runs = [r for r in records if r["task"] == task and r["method"] == method]
             keys = [k for k in runs[0]["reported"] if k != "step"]
@@ -541,6 +560,7 @@ def summarize(records: list[dict], metric_names: dict[str, str]) -> list[dict]:
                 "primary": metric_names[task],
                 "metrics": {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
                             for k, v in values.items()},
+                "vs_lora": paired_vs_lora(runs, lora, metric_names[task]),
                 **{key: statistics.mean(r["budget"][key] for r in runs)
                    for key in ("total_rank", "adapter_params", "trained_adapter_params")},
                 "orthogonality": (statistics.mean(r["orthogonality"] for r in runs)
@@ -554,20 +574,31 @@ def _number(value: float) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
 
 
+def _paired(vs_lora: dict | None) -> str:
+    """'+0.65 ± 0.70 (2/3)': mean ± std of the per-seed differences from LoRA, seeds ahead of it; a '*' marks a
+    mean ahead by more than LoRA's standard deviation, a '!' one below LoRA - 0.5 (issue 9's lines)."""
+    if vs_lora is None:
+        return "-"
+    mark = "*" if vs_lora["ahead_by_lora_std"] else "" if vs_lora["within_half_point"] else "!"
+    return f"{vs_lora['mean']:+.2f} ± {vs_lora['std']:.2f} ({vs_lora['wins']}/{vs_lora['seeds']}){mark}"
+
+
 def format_table(rows: list[dict]) -> str:
     lines = []
     for task in dict.fromkeys(row["task"] for row in rows):
         task_rows = [row for row in rows if row["task"] == task]
         keys = list(task_rows[0]["metrics"])
         header = [f"{k} (primary)" if k == task_rows[0]["primary"] else k for k in keys]
-        lines += ["", f"| {task} | " + " | ".join(header) + " | final total rank | final adapter params | "
-                  "trained adapter params | orthogonality | ms/step (median) | step time vs PEFT LoRA (median) |",
-                  "|---|" + "---:|" * (len(keys) + 6)]
+        lines += ["", f"| {task} | " + " | ".join(header) + " | vs LoRA, paired (wins) | final total rank | "
+                  "final adapter params | trained adapter params | orthogonality | ms/step (median) | "
+                  "step time vs PEFT LoRA (median) |",
+                  "|---|" + "---:|" * (len(keys) + 7)]
         for row in task_rows:
             metrics = " | ".join(f"{row['metrics'][k]['mean']:.2f} ± {row['metrics'][k]['std']:.2f}" for k in keys)
             ratio = f"{row['vs_peft_lora']:.3f}" if row["vs_peft_lora"] is not None else "-"
             orth = f"{row['orthogonality']:.3f}" if row.get("orthogonality") is not None else "-"
-            lines.append(f"| {label(row['method'])} | {metrics} | {_number(row['total_rank'])} | "
+            lines.append(f"| {label(row['method'])} | {metrics} | {_paired(row.get('vs_lora'))} | "
+                         f"{_number(row['total_rank'])} | "
                          f"{_number(row['adapter_params'])} | {_number(row['trained_adapter_params'])} | {orth} | "
                          f"{row['ms_per_step']:.0f} | {ratio} |")
     return "\n".join(lines)
@@ -632,8 +663,10 @@ def benchmark(opts: Options) -> dict:
               f"torch {torch.__version__}, peft {_version('peft')}, transformers {_version('transformers')}",
               f"Budgets (base rank {opts.rank}): {budget_text(opts.rank)}",
               *(plan_text(plan, opts.rank) for plan in plans.values()),
-              "Metrics x100, mean ± std over seeds; final adapter params = sum of rank x (d_in + d_out) over the "
-              "adapted modules; trained adapter params = the capacity that trains (all of A, B, lam/E)."]
+              "Metrics x100, mean ± std over seeds; vs LoRA, paired = the primary metric minus scale_rank LoRA's on "
+              "the same seed, mean ± std over seeds (seeds ahead of LoRA; * ahead by more than LoRA's std, ! below "
+              "LoRA - 0.5); final adapter params = sum of rank x (d_in + d_out) over the adapted modules; trained "
+              "adapter params = the capacity that trains (all of A, B, lam/E)."]
     table = "\n".join(header) + "\n" + format_table(rows) + "\n\n" + lora_gap(records)
     return {"plans": [dataclasses.asdict(p) for p in plans.values()], "records": records, "rows": rows,
             "table": table.rstrip()}

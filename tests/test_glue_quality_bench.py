@@ -198,3 +198,26 @@ def test_mean_pooling_reads_the_masked_mean_of_the_last_hidden_states(bench, tin
     assert bench.Options(profile="quick").resolved_pooling() == "cls"
     with pytest.raises(ValueError, match="no BERT-style pooler"):
         bench.use_mean_pooling(transformers.BertModel(model.config, add_pooling_layer=False))
+
+
+def test_paired_difference_from_lora_and_issue_9_lines(bench):
+    """Per-seed differences from LoRA on the same seeds; the marks follow LoRA's mean - 0.5 and its std."""
+    def runs(method, accuracies):
+        return [{"task": "sst2", "method": method, "seed": seed, "reported": {"step": 9, "accuracy": a / 100},
+                 "step_s": [1.0], "budget": {"total_rank": 8, "adapter_params": 8, "trained_adapter_params": 8},
+                 "orthogonality": None} for seed, a in enumerate(accuracies)]
+    records = (runs("lora", [80.0, 81.0, 82.0]) + runs("adalora", [81.5, 82.5, 83.0])
+               + runs("sora", [79.0, 80.5, 81.5]) + runs("prilora", [80.5, 80.0, 82.0]))
+    rows = {row["method"]: row for row in bench.summarize(records, {"sst2": "accuracy"})}
+    assert rows["lora"]["vs_lora"] is None
+    ada = rows["adalora"]["vs_lora"]
+    assert ada["mean"] == pytest.approx(4 / 3) and ada["std"] == pytest.approx(0.2886751, rel=1e-6)
+    assert (ada["wins"], ada["seeds"], ada["lora_std"]) == (3, 3, pytest.approx(1.0))
+    assert ada["ahead_by_lora_std"] and ada["within_half_point"]  # +1.33 > LoRA's std 1.0
+    sora, prilora = rows["sora"]["vs_lora"], rows["prilora"]["vs_lora"]
+    assert sora["mean"] == pytest.approx(-2 / 3) and not sora["within_half_point"]
+    assert prilora["mean"] == pytest.approx(-1 / 6) and prilora["within_half_point"]
+    assert not prilora["ahead_by_lora_std"] and prilora["wins"] == 1
+    table = bench.format_table(list(rows.values()))
+    assert "| +1.33 ± 0.29 (3/3)* |" in table and "| -0.67 ± 0.29 (0/3)! |" in table
+    assert "| -0.17 ± 0.76 (1/3) |" in table
