@@ -308,3 +308,26 @@ def test_whole_tensor_path_equals_the_sliced_path_bit_for_bit(name, monkeypatch)
         assert all(0 < int((layer.lora_A == 0).sum()) < layer.lora_A.numel() for layer in fast.layers)
     else:
         assert 0 < int(fast.method.ranks().sum()) < sum(layer.r_max for layer in fast.layers)
+
+
+def test_regularizer_gives_an_exactly_orthonormal_factor_gradient_zero_not_nan():
+    """||A A^T - I|| = 0 exactly (orthonormal rows; a rank-1 factor whose squared norm rounds to exactly 1, which
+    happened to IncreLoRA's rank-1 modules late in a decaying schedule) has gradient 0 under autograd; the
+    closed form divided 0 by 0 and turned every adapter weight into NaN on the next step."""
+    from scale_rank.layer import AdaptiveLoRALayer
+    from scale_rank.methods.hooks import OrthogonalityRegularizer
+    torch.manual_seed(0)
+    orthonormal, rank_one = (AdaptiveLoRALayer(torch.nn.Linear(6, 5), 3, 1.0) for _ in range(2))
+    for layer in (orthonormal, rank_one):
+        torch.nn.init.normal_(layer.lora_A, std=0.4)
+        torch.nn.init.normal_(layer.lora_B, std=0.4)
+    with torch.no_grad():
+        orthonormal.lora_A.copy_(torch.eye(3, 6))
+        rank_one.active[1:] = 0.0
+        rank_one.lora_B[:, 0] = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])  # b^T b - 1 = 0 exactly
+    OrthogonalityRegularizer([orthonormal, rank_one], 0.3)
+    for layer in (orthonormal, rank_one):
+        (layer(torch.randn(2, 6)).sum() * 0).backward()
+    assert not orthonormal.lora_A.grad.any() and not rank_one.lora_B.grad.any()
+    for grad in (orthonormal.lora_B.grad, rank_one.lora_A.grad):
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0

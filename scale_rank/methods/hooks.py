@@ -180,7 +180,10 @@ class OrthogonalityRegularizer(LayerHooks):
                     if pairs is not None:
                         residual.mul_(pairs)
                     norms = torch.linalg.vector_norm(residual, dim=(1, 2))
-                    units.append(residual.mul_((self.twice_coef / norms).view(-1, 1, 1)))
+                    # a residual of exactly 0 (orthonormal factors; a rank-1 factor whose norm rounds to 1 as
+                    # the learning rate decays) gets gradient 0, autograd's choice, not 0 / 0 = NaN
+                    inverse = self.twice_coef / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+                    units.append(residual.mul_(inverse.view(-1, 1, 1)))
                     self.last[slot + offset] = norms
                     factors += params
             deferred = list(factors) if self.defer_grads else None
