@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .config import ConfigError, load_config
+from .config import ConfigError, TrainingDiverged, load_config
 
 ERROR_GRACE_S = 5.0
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         args.assignments += extra  # SECTION.KEY=VALUE items given after options
     try:
         return {"train": _train, "export": _export, "report": _report, "plan": _plan}[args.command](args)
-    except (ConfigError, TimeoutError) as error:
+    except (ConfigError, TimeoutError, TrainingDiverged) as error:
         if args.debug:
             raise
         main_process = os.environ.get("RANK", "0") == "0"

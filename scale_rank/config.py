@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says what to change."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The logged training loss is not finite: the run stops rather than train on NaN weights (reported in one
+    line, like a ConfigError)."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # Methods. Every constant of docs/methods.md is a field here; defaults are the papers' values, except the
 # start of AdaLoRA / IncreLoRA / SoRA (init, docs/methods.md "The stall") and what was measured to go with it

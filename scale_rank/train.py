@@ -23,7 +23,7 @@ import yaml
 from . import run_dir as rd
 from .checkpoint import load_checkpoint, save_checkpoint
 from .comm import Collective, means_over_ranks
-from .config import ConfigError, RunConfig, TrainConfig
+from .config import ConfigError, RunConfig, TrainConfig, TrainingDiverged
 from .controller import RankController
 from .data.tasks import (TaskData, batch_indices, build_task, loss_normaliser, micro_batches, padded_length,
                          select)
@@ -270,6 +270,10 @@ def _train_steps(job: Job, live: Live, start: int, progress: bool,
         losses.append(step_loss)
         _record_decision(job.run, controller, proc)
         logged = live.report.step(step + 1, step_loss, engine.lr(), grad_norm)
+        if logged is not None and not math.isfinite(logged["train/loss"]):  # the same mean on every rank
+            raise TrainingDiverged(
+                f"the training loss is {logged['train/loss']} at step {step + 1} (mean of the steps since the "
+                f"last log): the run diverged; lower train.lr or set train.max_grad_norm and start again")
         on_step(step + 1, controller, step_loss)
         if bar is not None:
             bar.update(1)

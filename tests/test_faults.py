@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from scale_rank import run_dir as rd
 from scale_rank.cli import main
-from scale_rank.config import ConfigError, load_config
+from scale_rank.config import ConfigError, TrainingDiverged, load_config
 from scale_rank.export import export_run
 from scale_rank.train import train
 from tests.support.tiny import overrides, tiny_model_dir
@@ -170,6 +171,20 @@ def test_resume_refuses_settings_that_change_the_result(model_dir, tmp_path):
     saved = (out / rd.CONFIG_FILE).read_text()
     train(run_cfg(model_dir, out, save_every=4, eval_every=6), resume=True, progress=False)  # harmless changes
     assert (out / rd.CONFIG_FILE).read_text() == saved
+
+
+def test_a_diverged_run_stops_at_the_next_logged_step(model_dir, tmp_path):
+    """NaN weights make every later loss NaN: the loop stops at the next logged step with a message that says so,
+    instead of training to the end and exporting a broken adapter."""
+    def poison(done, controller, loss):
+        if done == 3:
+            with torch.no_grad():
+                controller.layers[0].lora_A.fill_(float("nan"))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="training loss is nan at step 4 .*lower train.lr"):
+        train(run_cfg(model_dir, out, log_every=2), progress=False, observer=poison)
+    assert not (out / "final").exists()
+    train(run_cfg(model_dir, tmp_path / "healthy", log_every=2), progress=False)  # the same run, unpoisoned, ends
 
 
 def test_checkpoints_hold_the_adapter_before_latest_moves(model_dir, whole_run):
