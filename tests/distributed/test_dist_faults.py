@@ -1,5 +1,5 @@
-"""Faults under torchrun (2 CPU processes): a hung rank ends the job, a config error is one line, a resume
-with another world size is refused."""
+"""Faults under torchrun (2 CPU processes): a hung rank ends the job, a config error is one line, a diverged run
+stops every process with one line, a resume with another world size is refused."""
 from __future__ import annotations
 
 import json
@@ -45,6 +45,18 @@ def test_a_config_error_is_one_line_from_the_main_process(model_dir, tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("scale-rank: error:") == 1
     assert "t_init + t_final" in done.stderr
+
+
+def test_a_diverged_run_stops_every_process_with_one_line(model_dir, tmp_path):
+    """A learning rate far too large makes the loss NaN within a few steps: both processes see the same mean loss,
+    stop at the same logged step, and the job ends with one line from the main process and no export."""
+    args = overrides(model_dir, tmp_path / "run", "adalora", steps=12) + ["train.lr=1e8", "train.log_every=2"]
+    done = torchrun(args)
+    assert done.returncode != 0
+    assert done.stderr.count("scale-rank: error:") == 1
+    assert "TrainingDiverged" not in done.stderr  # no traceback from a process (torchrun prints its own)
+    assert "the training loss is nan at step 2" in done.stderr and "lower train.lr" in done.stderr
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_resume_with_another_world_size_is_refused(model_dir, tmp_path):
