@@ -140,14 +140,14 @@ def test_separate_profile_shapes(bench):
 
 
 def test_long_profile_is_separate_three_times_as_long(bench):
-    """SST-2 by default, 900 steps in separate's batches; every scale_rank method and PEFT LoRA."""
+    """SST-2 and MRPC, 900 steps in separate's batches; every scale_rank method and PEFT LoRA."""
     sst2 = bench.make_plan("sst2", bench.Options(profile="long", data_dir=None), train_size=67349)
     mrpc = bench.make_plan("mrpc", bench.Options(profile="long", data_dir=None), train_size=2576)
     assert (sst2.steps, sst2.lr, sst2.batch_size, sst2.max_length, sst2.length_groups) == (900, 8e-4, 16, 64, 8)
     assert (mrpc.steps, mrpc.max_length) == (900, 96)
     assert sst2.schedule["adalora"] == {"t_init": 90, "t_final": 270, "delta_t": 1}
     profile = bench.PROFILES["long"]
-    assert profile["tasks"] == ("sst2",) and profile["pooling"] == "mean"
+    assert profile["tasks"] == ("sst2", "mrpc") and profile["pooling"] == "mean"
     assert set(profile["methods"]) == set(bench.SCALE_RANK_METHODS) | {"peft_lora"}
 
 
