@@ -5,7 +5,9 @@ I = |w * g|;  I_bar <- b1 I_bar + (1-b1) I;  U_bar <- b2 U_bar + (1-b2) |I - I_b
 All local slices of all modules live in one flat buffer, so an update is a handful of vector operations
 whatever the number of modules, and per-component partial sums are one index_add. When this rank holds the
 parameters whole (one process), the buffer is also seen as one view per parameter, and the update works on
-the parameters and their gradients with `torch._foreach_*` operations: no slice per parameter.
+the parameters and their gradients with `torch._foreach_*` operations: no slice per parameter. When every
+rank holds them whole but scores a range of each (DDP), the views of those ranges of the values are kept
+from step to step (rebuilt if a parameter's storage moves), and only the gradients are sliced per step.
 """
 from __future__ import annotations
 
@@ -47,23 +49,40 @@ class SensitivityTracker:
             sizes = [p.numel() for p in self.params]
             self.i_views = [v.view(p.shape) for v, p in zip(self.i_bar.split(sizes), self.params)]
             self.u_views = [v.view(p.shape) for v, p in zip(self.u_bar.split(sizes), self.params)]
+        # a replicated parameter (DDP): this rank scores the same flat range of it at every step
+        self.ranges = None
+        if not self.whole and access.stores_whole and all(p.dtype == torch.float32 for p in self.params):
+            self.ranges = [(local.start, local.end) for local in map(access.scoring, self.params)]
+        self._value_views: tuple[list[int], list[torch.Tensor]] = ([], [])
 
+    @torch.no_grad()
     def update(self, grad_factor: torch.Tensor | float = 1.0) -> None:
         """Fold the current gradients, times `grad_factor` (a clipping the optimizer has still to apply), into
         the EMAs (call once per optimizer step, grads present)."""
         if self.whole:
             self._update_whole(grad_factor)
             return
-        slices = [self.access.scoring(p) for p in self.params]
-        values = torch.cat([s.values.float() for s in slices])
-        grads = torch.cat([_grad_or_zeros(s) for s in slices])
+        if self.ranges is not None:
+            values = torch.cat(self._scored_values())
+            grads = torch.cat([_grad_range(p, start, end) for p, (start, end) in zip(self.params, self.ranges)])
+        else:
+            slices = [self.access.scoring(p) for p in self.params]
+            values = torch.cat([s.values.float() for s in slices])
+            grads = torch.cat([_grad_or_zeros(s) for s in slices])
         if isinstance(grad_factor, torch.Tensor):
             grads.mul_(grad_factor.to(grads.device))
         sensitivity = values.mul_(grads).abs_()
         self.i_bar.lerp_(sensitivity, 1 - self.beta1)
         self.u_bar.mul_(self.beta2).add_(sensitivity.sub_(self.i_bar).abs_(), alpha=1 - self.beta2)
 
-    @torch.no_grad()
+    def _scored_values(self) -> list[torch.Tensor]:
+        """Views of the scored range of every replicated parameter, made again when a storage moved."""
+        pointers = [p.data_ptr() for p in self.params]
+        if pointers != self._value_views[0]:
+            self._value_views = (pointers, [p.detach().view(-1)[start:end]
+                                            for p, (start, end) in zip(self.params, self.ranges)])
+        return self._value_views[1]
+
     def _update_whole(self, grad_factor: torch.Tensor | float) -> None:
         """`update` on whole float32 parameters: the same elementwise operations, one foreach call each."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -98,6 +117,13 @@ class SensitivityTracker:
                                  f"{tuple(getattr(self, key).shape)}: the checkpoint comes from another "
                                  "model, method or sharding")
             getattr(self, key).copy_(state[key])
+
+
+def _grad_range(param: torch.nn.Parameter, start: int, end: int) -> torch.Tensor:
+    """Elements [start, end) of the flattened gradient of `param` (zeros without a gradient)."""
+    if param.grad is None:
+        return torch.zeros(end - start, device=param.device)
+    return param.grad.view(-1)[start:end]  # (update runs without autograd)
 
 
 def _grad_or_zeros(local) -> torch.Tensor:

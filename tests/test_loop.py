@@ -114,3 +114,25 @@ def test_deepspeed_clips_with_the_runs_max_grad_norm(tmp_path):
 def test_negative_max_grad_norm_is_refused():
     with pytest.raises(ConfigError, match="train.max_grad_norm"):
         load_config(None, ["train.max_grad_norm=-1"]).validate()
+
+
+def test_replicated_ranges_add_up_to_one_process_and_follow_a_moved_storage():
+    """DDP: each of 2 ranks scores its half of every parameter from views it keeps between steps; over
+    several updates their partial sums add up to one process's, also after a parameter's storage is replaced."""
+    torch.manual_seed(0)
+    layers = [AdaptiveLoRALayer(torch.nn.Linear(7, 5), r_max=3, scale=1.0) for _ in range(2)]
+    params = [p for layer in layers for p in (layer.lora_A, layer.lora_B, layer.lora_lam)]
+    layout = ComponentLayout(layers)
+    trackers = [SensitivityTracker(layers, layout, access, 0.85, 0.85)
+                for access in (WholeTensorAccess(), WholeTensorAccess(0, 2), WholeTensorAccess(1, 2))]
+    assert trackers[1].ranges is not None and trackers[0].ranges is None
+    for step in range(3):
+        for p in params:
+            p.data.normal_()
+            p.grad = torch.randn_like(p)
+        if step == 1:  # a new storage (as after moving the model): stale views would read the old values
+            layers[1].lora_B.data = torch.randn_like(layers[1].lora_B)
+        for tracker in trackers:
+            tracker.update()
+        torch.testing.assert_close(trackers[1].partial_sums() + trackers[2].partial_sums(),
+                                   trackers[0].partial_sums(), rtol=1e-12, atol=0)

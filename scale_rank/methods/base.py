@@ -76,7 +76,7 @@ class Method:
         gamma = self.config.resolved_gamma()
         if gamma > 0:
             self.regularizer = self.install(OrthogonalityRegularizer(
-                layers, gamma, access.resident_groups(layers), defer_grads=access.whole_tensors))
+                layers, gamma, access.resident_groups(layers), defer_grads=access.stores_whole))
         self.layout = ComponentLayout(layers)
         self.mask = torch.cat([layer.active.detach().float().cpu() for layer in layers])  # replicated buffer
 

@@ -76,10 +76,13 @@ class _OrthogonalityGradient(torch.autograd.Function):
     output so that engines that gather parameters only around a module's forward and backward (FSDP, ZeRO-3)
     have the factors present when it is computed (there, every layer carries its own).
 
-    `tensors` holds the factors of every group in order, then each group's units. `deferred` (one process):
-    instead of handing each factor its gradient through autograd (one accumulation per factor), add all of them
-    to the `.grad` of the parameters in `deferred` with one foreach operation once this backward pass is over
-    (the parameters themselves: under activation checkpointing the saved factors come back as aliases).
+    `tensors` holds the factors of every group in order, then each group's units. `deferred` (one process and
+    DDP): instead of handing each factor its gradient through autograd (one accumulation per factor), add all of
+    them to the `.grad` of the parameters in `deferred` with one foreach operation once this backward pass is
+    over (the parameters themselves: under activation checkpointing the saved factors come back as aliases),
+    after every end-of-backward callback queued before then: DDP's, which writes the averaged gradients into
+    `.grad`, comes first. The regularizer's gradient is the same on every rank, so adding it after the
+    averaging gives what adding it before would (and what one process computes).
     """
 
     @staticmethod
@@ -100,10 +103,16 @@ class _OrthogonalityGradient(torch.autograd.Function):
             gradient = _times_factor(units, _batch(list(group)), kind)
             grads += [g.to(f.dtype) for g, f in zip(gradient.unbind(0), group)]
         if ctx.deferred is not None:
-            torch.autograd.Variable._execution_engine.queue_callback(
-                lambda params=ctx.deferred, grads=grads: _add_to_grads(params, grads))
+            _after_backward_callbacks(lambda params=ctx.deferred, grads=grads: _add_to_grads(params, grads))
             return (grad_out, None, None, None, *([None] * (count + len(ctx.sizes))))
         return (grad_out, None, None, None, *grads, *([None] * len(ctx.sizes)))
+
+
+def _after_backward_callbacks(callback) -> None:
+    """Run `callback` at the end of this backward pass, after the callbacks queued so far and those they queue
+    (a callback queued from a callback runs after every one queued before it)."""
+    queue = torch.autograd.Variable._execution_engine.queue_callback
+    queue(lambda: queue(callback))
 
 
 def _add_to_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -126,10 +135,10 @@ class OrthogonalityRegularizer(LayerHooks):
     (`ShardAccess.resident_groups`; default one per layer): each group's first layer carries one hook for
     the group, in one batch per factor shape; one process and DDP have one group, so the work per step does
     not grow with the number of modules; FSDP2 one per sharding unit (transformer block). One layer per
-    group multiplies batches of one: the same kernels, the same bits. `defer_grads` (one process only, with
-    a single group): the gradients go straight into `.grad` with one foreach operation at the end of the
-    backward; elsewhere they flow through autograd, so that the engine's gradient reduction (DDP finishes it in
-    its own end-of-backward callback, queued after this one) sees and keeps them. `coef` is gamma /
+    group multiplies batches of one: the same kernels, the same bits. `defer_grads` (one process and DDP,
+    with a single group): the gradients go straight into `.grad` with one foreach operation at the end of the
+    backward, after DDP's own end-of-backward callback has written the averaged gradients; elsewhere (FSDP,
+    ZeRO: the factors are sharded after the backward) they flow through autograd into the engine's reduction. `coef` is gamma /
     (2 x modules) times `scale(factor)` (1 / grad_accum and an fp16 loss scale); `twice_coef` holds 2 x coef
     (the derivative's factor) on the layers' device, so that nothing is read back to the host.
     """
