@@ -44,14 +44,15 @@ class SensitivityTracker:
         self.index = torch.cat(index).to(device=device, dtype=torch.int32)
         self.i_bar = torch.zeros(self.index.numel(), device=device)
         self.u_bar = torch.zeros_like(self.i_bar)
-        self.whole = access.whole_tensors and all(p.dtype == torch.float32 for p in self.params)
+        float32 = all(p.dtype == torch.float32 for p in self.params)
+        self.whole = access.whole_tensors and float32
         if self.whole:  # the buffers seen per parameter, in the order (and row-major layout) of the index
             sizes = [p.numel() for p in self.params]
             self.i_views = [v.view(p.shape) for v, p in zip(self.i_bar.split(sizes), self.params)]
             self.u_views = [v.view(p.shape) for v, p in zip(self.u_bar.split(sizes), self.params)]
         # a replicated parameter (DDP): this rank scores the same flat range of it at every step
         self.ranges = None
-        if not self.whole and access.stores_whole and all(p.dtype == torch.float32 for p in self.params):
+        if not self.whole and access.stores_whole and float32:
             self.ranges = [(local.start, local.end) for local in map(access.scoring, self.params)]
         self._value_views: tuple[list[int], list[torch.Tensor]] = ([], [])
 

@@ -138,8 +138,9 @@ class OrthogonalityRegularizer(LayerHooks):
     group multiplies batches of one: the same kernels, the same bits. `defer_grads` (one process and DDP,
     with a single group): the gradients go straight into `.grad` with one foreach operation at the end of the
     backward, after DDP's own end-of-backward callback has written the averaged gradients; elsewhere (FSDP,
-    ZeRO: the factors are sharded after the backward) they flow through autograd into the engine's reduction. `coef` is gamma /
-    (2 x modules) times `scale(factor)` (1 / grad_accum and an fp16 loss scale); `twice_coef` holds 2 x coef
+    ZeRO: the engine moves gradients into shards during the backward) they flow through autograd into the
+    engine's reduction. `coef` is gamma / (2 x modules) times `scale(factor)` (1 / grad_accum and an fp16 loss
+    scale); `twice_coef` holds 2 x coef
     (the derivative's factor) on the layers' device, so that nothing is read back to the host.
     """
 
