@@ -7,7 +7,8 @@ whatever the number of modules, and per-component partial sums are one index_add
 parameters whole (one process), the buffer is also seen as one view per parameter, and the update works on
 the parameters and their gradients with `torch._foreach_*` operations: no slice per parameter. When every
 rank holds them whole but scores a range of each (DDP), the views of those ranges of the values are kept
-from step to step (rebuilt if a parameter's storage moves), and only the gradients are sliced per step.
+from step to step (rebuilt if a parameter's storage moves), and so are those of the gradients while they
+live in DDP's buckets: an update is then two concatenations and the vector operations.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class SensitivityTracker:
         if not self.whole and access.stores_whole and float32:
             self.ranges = [(local.start, local.end) for local in map(access.scoring, self.params)]
         self._value_views: tuple[list[int], list[torch.Tensor]] = ([], [])
+        self._grad_views: tuple[list[int], list[torch.Tensor]] = ([], [])
 
     @torch.no_grad()
     def update(self, grad_factor: torch.Tensor | float = 1.0) -> None:
@@ -65,7 +67,7 @@ class SensitivityTracker:
             return
         if self.ranges is not None:
             values = torch.cat(self._scored_values())
-            grads = torch.cat([_grad_range(p, start, end) for p, (start, end) in zip(self.params, self.ranges)])
+            grads = torch.cat(self._scored_grads())
         else:
             slices = [self.access.scoring(p) for p in self.params]
             values = torch.cat([s.values.float() for s in slices])
@@ -80,9 +82,29 @@ class SensitivityTracker:
         """Views of the scored range of every replicated parameter, made again when a storage moved."""
         pointers = [p.data_ptr() for p in self.params]
         if pointers != self._value_views[0]:
-            self._value_views = (pointers, [p.detach().view(-1)[start:end]
-                                            for p, (start, end) in zip(self.params, self.ranges)])
+            self._value_views = (pointers, self._range_views([p.detach() for p in self.params]))
         return self._value_views[1]
+
+    def _scored_grads(self) -> list[torch.Tensor]:
+        """Views of the scored range of every replicated parameter's gradient (zeros where it has none).
+
+        Kept from step to step while the gradients are views into storage that outlives them (DDP with
+        `gradient_as_bucket_view`: every backward writes into the same buckets), made again when one moves.
+        Gradients that are tensors of their own are new every step; keeping views of them would keep a
+        step's gradients alive into the next, so they are sliced afresh.
+        """
+        grads = [p.grad for p in self.params]
+        if any(grad is None for grad in grads):
+            return [_grad_range(p, start, end) for p, (start, end) in zip(self.params, self.ranges)]
+        pointers = [grad.data_ptr() for grad in grads]
+        if pointers == self._grad_views[0]:
+            return self._grad_views[1]
+        views = self._range_views(grads)
+        self._grad_views = (pointers, views) if all(grad._is_view() for grad in grads) else ([], [])
+        return views
+
+    def _range_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.view(-1)[start:end] for t, (start, end) in zip(tensors, self.ranges)]
 
     def _update_whole(self, grad_factor: torch.Tensor | float) -> None:
         """`update` on whole float32 parameters: the same elementwise operations, one foreach call each."""

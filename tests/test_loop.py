@@ -3,6 +3,7 @@ no reads of device values on the steps between logged ones."""
 from __future__ import annotations
 
 import traceback
+import weakref
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,35 @@ def test_replicated_ranges_add_up_to_one_process_and_follow_a_moved_storage():
             tracker.update()
         torch.testing.assert_close(trackers[1].partial_sums() + trackers[2].partial_sums(),
                                    trackers[0].partial_sums(), rtol=1e-12, atol=0)
+
+
+def test_replicated_ranges_read_gradients_kept_in_a_bucket():
+    """DDP with gradient_as_bucket_view: the gradients are views into one buffer that every backward writes in
+    place. The views each rank keeps of its ranges follow the new values and a rebuilt buffer, and gradients
+    that are tensors of their own are not kept past the update that read them."""
+    torch.manual_seed(0)
+    layers = [AdaptiveLoRALayer(torch.nn.Linear(7, 5), r_max=3, scale=1.0) for _ in range(2)]
+    params = [p for layer in layers for p in (layer.lora_A, layer.lora_B, layer.lora_lam)]
+    layout = ComponentLayout(layers)
+    trackers = [SensitivityTracker(layers, layout, access, 0.85, 0.85)
+                for access in (WholeTensorAccess(), WholeTensorAccess(0, 2), WholeTensorAccess(1, 2))]
+    bucket = torch.zeros(sum(p.numel() for p in params))
+    for step in range(4):
+        for p in params:
+            p.data.normal_()
+        if step == 2:  # DDP rebuilds its buckets once: views of the old buffer would read stale gradients
+            bucket = torch.zeros_like(bucket)
+        bucket.normal_()
+        for p, flat in zip(params, bucket.split([p.numel() for p in params])):
+            p.grad = flat.view_as(p)
+        for tracker in trackers:
+            tracker.update()
+        torch.testing.assert_close(trackers[1].partial_sums() + trackers[2].partial_sums(),
+                                   trackers[0].partial_sums(), rtol=1e-12, atol=0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    first = weakref.ref(params[0].grad)
+    trackers[1].update()
+    for p in params:
+        p.grad = None
+    assert first() is None
