@@ -207,8 +207,8 @@ def local_numel(shape: tuple[int, ...], engine: str, gpus: int, role: str) -> in
 def adapter_state_bytes(plan: AdapterPlan, inputs: PlanInputs) -> tuple[int, int, int]:
     """(parameters, gradients, AdamW moments) of the adapters on one GPU, in the adapter dtype.
 
-    Gradients and moments exist only for trainable tensors (lam of LoRA / PRILoRA is frozen). DDP with more
-    than one GPU also keeps its gradient buckets (gradient_as_bucket_view=False): twice the gradients.
+    Gradients and moments exist only for trainable tensors (lam of LoRA / PRILoRA is frozen). Under DDP the
+    gradients are views into its communication buckets (the engine sets gradient_as_bucket_view): one copy.
     """
     params = grads = optim = 0
     for site in plan.sites:
@@ -217,9 +217,8 @@ def adapter_state_bytes(plan: AdapterPlan, inputs: PlanInputs) -> tuple[int, int
             if index < 2 or plan.lam_trains:
                 grads += local_numel(shape, inputs.engine, inputs.gpus, "grad")
                 optim += 2 * local_numel(shape, inputs.engine, inputs.gpus, "optim")
-    buckets = 2 if inputs.engine == "ddp" and inputs.gpus > 1 else 1
     size = inputs.adapter_bytes
-    return params * size, buckets * grads * size, optim * size
+    return params * size, grads * size, optim * size
 
 
 def scored_fraction(plan: AdapterPlan, inputs: PlanInputs) -> float:

@@ -112,7 +112,8 @@ def notes(geometry: ModelGeometry, inputs: PlanInputs) -> tuple[str, ...]:
                      "parameters except tensors under stage3_param_persistence_threshold (1e5 elements), "
                      "which stay whole; DeepSpeed's own buffers (buckets, prefetch) are not modelled")
     if inputs.engine == "ddp" and inputs.gpus > 1:
-        found.append("DDP keeps gradient buckets as large as the gradients (gradient_as_bucket_view=False)")
+        found.append("DDP's gradients are views into its communication buckets (gradient_as_bucket_view): "
+                     "stored once")
     if not geometry.closed_form:
         found.append(f"model type {geometry.spec.model_type!r} has no closed form: parameters are counted on a "
                      "meta-device build, activations use the Llama-block terms (an estimate)")

@@ -218,3 +218,11 @@ def test_zero3_persistent_parameters_are_scored_from_their_partition(engine, res
         half = -(-numel // 2)
         assert res["storage"][name] == [(0, half), (half, numel)], (name, res["storage"][name])
         assert [(s, e) for s, e, *_ in res["slices"][name]] == res["storage"][name]
+
+
+def test_ddp_stores_each_gradient_once_in_its_buckets(results):
+    """DDP's gradients are views into its communication buckets (gradient_as_bucket_view): one copy of them,
+    as the memory planner counts, and storage that the sensitivity tracker's kept views can rely on."""
+    stored = results("ddp")["grad_storage"]
+    assert stored["grads"] > 0 and stored["views"] == stored["grads"], stored
+    assert stored["storage_bytes"] == stored["grad_bytes"], stored

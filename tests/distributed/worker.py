@@ -14,6 +14,7 @@ Engines run one after the other in the same process group. Per engine, rank 0 wr
   stepped  {name: full tensor} after one more backward and optimizer step
   persistent {name: bool}  ZeRO-3 kept the parameter whole on every rank (under the persistence threshold)
   attached {name: bool} per rank  a storage or scoring slice (values or grad) requires grad (it must not)
+  grad_storage  after the first backward: gradients, how many are views, their bytes, their storages' bytes
 """
 from __future__ import annotations
 
@@ -194,6 +195,13 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
     # one backward on this rank's half of the global batch
     engine.backward(forward(engine.model, input_ids, labels)[0], 1)
 
+    # how the gradients are stored: distinct storages against the gradients' own bytes
+    grads = [p.grad for p in engine.model.parameters() if p.requires_grad and p.grad is not None]
+    grad_storage = {"grads": len(grads), "views": sum(g._is_view() for g in grads),
+                    "grad_bytes": sum(g.numel() * g.element_size() for g in grads),
+                    "storage_bytes": sum({g.untyped_storage().data_ptr(): g.untyped_storage().nbytes()
+                                          for g in grads}.values())}
+
     # (a) scoring slices of every A / B / lam value and gradient, and storage ranges
     mine, ranges, attached = {}, {}, {}
     for name, param in adapter_params(model).items():
@@ -234,7 +242,7 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
                     "storage": {n: [s[n] for s in storage] for n in ranges},
                     "sums": sums.cpu(), "written": written, "master": master, "logits": logits,
                     "stepped": stepped, "persistent": persistent, "attached": attached, "refreshes": refreshes,
-                    "groups": groups, "seconds": time.time() - start},
+                    "groups": groups, "grad_storage": grad_storage, "seconds": time.time() - start},
                    os.path.join(out_dir, f"{kind}.pt"))
     if kind in DEEPSPEED:
         engine.model.destroy()
