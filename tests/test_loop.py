@@ -117,15 +117,29 @@ def test_negative_max_grad_norm_is_refused():
         load_config(None, ["train.max_grad_norm=-1"]).validate()
 
 
-def test_replicated_ranges_add_up_to_one_process_and_follow_a_moved_storage():
-    """DDP: each of 2 ranks scores its half of every parameter from views it keeps between steps; over
-    several updates their partial sums add up to one process's, also after a parameter's storage is replaced."""
+def one_and_two_rank_trackers():
+    """Two small adapter layers, their parameters, and trackers for one process and for each of 2 DDP ranks."""
     torch.manual_seed(0)
     layers = [AdaptiveLoRALayer(torch.nn.Linear(7, 5), r_max=3, scale=1.0) for _ in range(2)]
     params = [p for layer in layers for p in (layer.lora_A, layer.lora_B, layer.lora_lam)]
     layout = ComponentLayout(layers)
     trackers = [SensitivityTracker(layers, layout, access, 0.85, 0.85)
                 for access in (WholeTensorAccess(), WholeTensorAccess(0, 2), WholeTensorAccess(1, 2))]
+    return layers, params, trackers
+
+
+def update_and_compare(trackers) -> None:
+    """One update of every tracker; the two ranks' partial sums add up to one process's."""
+    for tracker in trackers:
+        tracker.update()
+    torch.testing.assert_close(trackers[1].partial_sums() + trackers[2].partial_sums(),
+                               trackers[0].partial_sums(), rtol=1e-12, atol=0)
+
+
+def test_replicated_ranges_add_up_to_one_process_and_follow_a_moved_storage():
+    """DDP: each of 2 ranks scores its half of every parameter from views it keeps between steps; over
+    several updates their partial sums add up to one process's, also after a parameter's storage is replaced."""
+    layers, params, trackers = one_and_two_rank_trackers()
     assert trackers[1].ranges is not None and trackers[0].ranges is None
     for step in range(3):
         for p in params:
@@ -133,22 +147,14 @@ def test_replicated_ranges_add_up_to_one_process_and_follow_a_moved_storage():
             p.grad = torch.randn_like(p)
         if step == 1:  # a new storage (as after moving the model): stale views would read the old values
             layers[1].lora_B.data = torch.randn_like(layers[1].lora_B)
-        for tracker in trackers:
-            tracker.update()
-        torch.testing.assert_close(trackers[1].partial_sums() + trackers[2].partial_sums(),
-                                   trackers[0].partial_sums(), rtol=1e-12, atol=0)
+        update_and_compare(trackers)
 
 
 def test_replicated_ranges_read_gradients_kept_in_a_bucket():
     """DDP with gradient_as_bucket_view: the gradients are views into one buffer that every backward writes in
     place. The views each rank keeps of its ranges follow the new values and a rebuilt buffer, and gradients
     that are tensors of their own are not kept past the update that read them."""
-    torch.manual_seed(0)
-    layers = [AdaptiveLoRALayer(torch.nn.Linear(7, 5), r_max=3, scale=1.0) for _ in range(2)]
-    params = [p for layer in layers for p in (layer.lora_A, layer.lora_B, layer.lora_lam)]
-    layout = ComponentLayout(layers)
-    trackers = [SensitivityTracker(layers, layout, access, 0.85, 0.85)
-                for access in (WholeTensorAccess(), WholeTensorAccess(0, 2), WholeTensorAccess(1, 2))]
+    _, params, trackers = one_and_two_rank_trackers()
     bucket = torch.zeros(sum(p.numel() for p in params))
     for step in range(4):
         for p in params:
@@ -158,10 +164,7 @@ def test_replicated_ranges_read_gradients_kept_in_a_bucket():
         bucket.normal_()
         for p, flat in zip(params, bucket.split([p.numel() for p in params])):
             p.grad = flat.view_as(p)
-        for tracker in trackers:
-            tracker.update()
-        torch.testing.assert_close(trackers[1].partial_sums() + trackers[2].partial_sums(),
-                                   trackers[0].partial_sums(), rtol=1e-12, atol=0)
+        update_and_compare(trackers)
     for p in params:
         p.grad = torch.randn_like(p)
     first = weakref.ref(params[0].grad)

@@ -14,7 +14,8 @@ Engines run one after the other in the same process group. Per engine, rank 0 wr
   stepped  {name: full tensor} after one more backward and optimizer step
   persistent {name: bool}  ZeRO-3 kept the parameter whole on every rank (under the persistence threshold)
   attached {name: bool} per rank  a storage or scoring slice (values or grad) requires grad (it must not)
-  grad_storage  after the first backward: gradients, how many are views, their bytes, their storages' bytes
+  grad_storage  DDP only, after the first backward: gradients, how many are views, their bytes, their
+                storages' bytes
 """
 from __future__ import annotations
 
@@ -184,6 +185,14 @@ def gather(obj):
     return out
 
 
+def ddp_grad_storage(engine) -> dict[str, int]:
+    """How DDP stores the gradients: how many, how many are views, their bytes, the bytes of their storages."""
+    grads = [p.grad for p in engine.model.parameters() if p.requires_grad and p.grad is not None]
+    storages = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in grads}
+    return {"grads": len(grads), "views": sum(g._is_view() for g in grads),
+            "grad_bytes": sum(g.numel() * g.element_size() for g in grads), "storage_bytes": sum(storages.values())}
+
+
 def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
     start = time.time()
     model, method = build_model()
@@ -195,12 +204,7 @@ def run_engine(kind: str, out_dir: str, rank: int, world_size: int) -> None:
     # one backward on this rank's half of the global batch
     engine.backward(forward(engine.model, input_ids, labels)[0], 1)
 
-    # how the gradients are stored: distinct storages against the gradients' own bytes
-    grads = [p.grad for p in engine.model.parameters() if p.requires_grad and p.grad is not None]
-    grad_storage = {"grads": len(grads), "views": sum(g._is_view() for g in grads),
-                    "grad_bytes": sum(g.numel() * g.element_size() for g in grads),
-                    "storage_bytes": sum({g.untyped_storage().data_ptr(): g.untyped_storage().nbytes()
-                                          for g in grads}.values())}
+    grad_storage = ddp_grad_storage(engine) if kind == "ddp" else None
 
     # (a) scoring slices of every A / B / lam value and gradient, and storage ranges
     mine, ranges, attached = {}, {}, {}
