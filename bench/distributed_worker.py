@@ -108,17 +108,21 @@ def timed_into(store: list, fn, step_of):
     return wrapper
 
 
+def split_items(items: list[str]) -> list[list[str]]:
+    """Config items of several runs, separated by "::", as one list per run."""
+    groups: list[list[str]] = [[]]
+    for item in items:
+        if item == "::":
+            groups.append([])
+        else:
+            groups[-1].append(item)
+    return groups
+
+
 def main() -> int:
     out_dir, warmup, *items = sys.argv[1:]
     warmup = int(warmup)
-    groups, group = [], []
-    for item in items:  # several runs, one after another in this launch, separated by "::"
-        if item == "::":
-            groups.append(group)
-            group = []
-        else:
-            group.append(item)
-    groups.append(group)
+    groups = split_items(items)  # several runs, one after another in this launch
     cur: dict = {}  # the record of the run in progress
 
     def step_now() -> int:

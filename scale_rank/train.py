@@ -196,19 +196,7 @@ def resolve_job(cfg: RunConfig, proc: ProcessInfo) -> Job:
 
 def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserver | None) -> RunResult:
     cfg, proc, task = job.cfg, job.proc, job.task
-    model, _, method = build_adapted_model(cfg, cfg.model.num_labels or task.num_labels)
-    layers = adapter_layers(model)
-    groups = method.optimizer_groups(layers, cfg.train.lr, cfg.train.weight_decay)
-    adapter_ids = {id(p) for g in groups for p in g["params"]}
-    heads = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
-    if heads:
-        groups.append({"name": "heads", "params": heads, "lr": cfg.train.lr,
-                       "weight_decay": cfg.train.weight_decay})
-    engine = make_engine(job.engine_kind, model, groups, cfg.train, cfg.train.total_steps, proc, job.ds_config,
-                         job.shard_size)
-    controller = RankController(model, method, engine.access, Collective())
-    controller.set_accumulation(cfg.train.grad_accum)
-    method.track_optimizer(engine.optimizer)
+    engine, controller = build_training(job)
 
     start = 0
     if checkpoint is not None:
@@ -234,6 +222,57 @@ def _run(job: Job, checkpoint: Path | None, progress: bool, observer: StepObserv
     return RunResult(job.run.path, metrics, controller.ranks(), adapter_dir, losses, controller.history, engine)
 
 
+def build_training(job: Job) -> tuple[Engine, RankController]:
+    """The adapted model inside its engine (optimizer included) and the rank controller bound to its shards."""
+    cfg, proc, task = job.cfg, job.proc, job.task
+    model, _, method = build_adapted_model(cfg, cfg.model.num_labels or task.num_labels)
+    layers = adapter_layers(model)
+    groups = method.optimizer_groups(layers, cfg.train.lr, cfg.train.weight_decay)
+    adapter_ids = {id(p) for g in groups for p in g["params"]}
+    heads = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
+    if heads:
+        groups.append({"name": "heads", "params": heads, "lr": cfg.train.lr,
+                       "weight_decay": cfg.train.weight_decay})
+    engine = make_engine(job.engine_kind, model, groups, cfg.train, cfg.train.total_steps, proc, job.ds_config,
+                         job.shard_size)
+    controller = RankController(model, method, engine.access, Collective())
+    controller.set_accumulation(cfg.train.grad_accum)
+    method.track_optimizer(engine.optimizer)
+    return engine, controller
+
+
+def optimizer_step(job: Job, engine: Engine, controller: RankController,
+                   step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Optimizer step `step` (from 0): every micro-batch's forward and backward, [clip], observe, the engine's
+    step, apply, zero_grad (docs/design.md, section 6). Returns the step's loss on the device and the gradient
+    norm before clipping (None without clipping)."""
+    t, task, proc = job.cfg.train, job.task, job.proc
+    indices = batch_indices(step, task.train_size, t.batch_size, t.seed)
+    parts = micro_batches(indices, t.grad_accum, proc.rank, proc.world_size)
+    length = padded_length(task.train, indices)
+    normaliser = loss_normaliser(task, indices, proc.world_size, t.grad_accum)
+    controller.set_grad_scale(engine.grad_scale() / t.grad_accum)
+    step_loss = torch.zeros((), device=proc.device)
+    for i, part in enumerate(parts):
+        batch = select(task.train, part, length)
+        if normaliser is not None:
+            batch["num_items_in_batch"] = normaliser
+        loss = engine.forward(batch).loss
+        engine.backward(loss, t.grad_accum)
+        step_loss += loss.detach().float() / t.grad_accum
+        if i < len(parts) - 1:
+            engine.micro_step()
+    skipped = engine.prepare_step()
+    grad_norm, pending = None, 1.0
+    if t.max_grad_norm and not skipped:  # before observe: scores see the clipped gradients
+        grad_norm, pending = engine.clip_gradients(t.max_grad_norm)
+    controller.observe(skipped=skipped, grad_factor=pending)
+    engine.step()
+    controller.apply()
+    engine.zero_grad()
+    return step_loss, grad_norm
+
+
 def _train_steps(job: Job, live: Live, start: int, progress: bool,
                  on_step: Callable[[int, RankController, torch.Tensor], None]) -> list[float]:
     """The optimizer steps from `start`. Losses stay on the device: the host reads them at log steps (and
@@ -244,29 +283,7 @@ def _train_steps(job: Job, live: Live, start: int, progress: bool,
     losses: list[torch.Tensor] = []
     engine.train(True)
     for step in range(start, t.total_steps):
-        indices = batch_indices(step, task.train_size, t.batch_size, t.seed)
-        parts = micro_batches(indices, t.grad_accum, proc.rank, proc.world_size)
-        length = padded_length(task.train, indices)
-        normaliser = loss_normaliser(task, indices, proc.world_size, t.grad_accum)
-        controller.set_grad_scale(engine.grad_scale() / t.grad_accum)
-        step_loss = torch.zeros((), device=proc.device)
-        for i, part in enumerate(parts):
-            batch = select(task.train, part, length)
-            if normaliser is not None:
-                batch["num_items_in_batch"] = normaliser
-            loss = engine.forward(batch).loss
-            engine.backward(loss, t.grad_accum)
-            step_loss += loss.detach().float() / t.grad_accum
-            if i < len(parts) - 1:
-                engine.micro_step()
-        skipped = engine.prepare_step()
-        grad_norm, pending = None, 1.0
-        if t.max_grad_norm and not skipped:  # before observe: scores see the clipped gradients
-            grad_norm, pending = engine.clip_gradients(t.max_grad_norm)
-        controller.observe(skipped=skipped, grad_factor=pending)
-        engine.step()
-        controller.apply()
-        engine.zero_grad()
+        step_loss, grad_norm = optimizer_step(job, engine, controller, step)
         losses.append(step_loss)
         _record_decision(job.run, controller, proc)
         logged = live.report.step(step + 1, step_loss, engine.lr(), grad_norm)
