@@ -335,25 +335,30 @@ def render(args, results: dict | None, rows: list[dict] | None, meta: dict) -> s
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_setup_arguments(parser: argparse.ArgumentParser, methods: str) -> None:
+    """The options this bench shares with paired_overhead.py: engines, methods (default `methods`), model, batch."""
     parser.add_argument("--engines", default="ddp,fsdp2,zero3", help=f"of {','.join(ENGINE_ITEMS)}")
-    parser.add_argument("--methods", default="lora,adalora,adalora-noreg",
+    parser.add_argument("--methods", default=methods,
                         help="lora first; of lora,adalora,adalora-noreg,sora,increlora,prilora")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--capacity", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64, help="global (both processes)")
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per launch")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_setup_arguments(parser, "lora,adalora,adalora-noreg")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--sweep-hidden", default="128,256,384")
     parser.add_argument("--sweep-capacity", default="4,8,16")
     parser.add_argument("--sweep-steps", type=int, default=6)
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per launch")
     parser.add_argument("--workdir", help="keep launches' outputs here (default: a temporary directory)")
     parser.add_argument("--json", help="write every launch's summary here")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from distributed_overhead import ENGINE_ITEMS, LABELS, run_items  # noqa: E402
+from distributed_overhead import LABELS, add_setup_arguments, run_items  # noqa: E402
 from tests.distributed.dist_launch import run_workers  # noqa: E402
 from tests.support.tiny import tiny_model_dir  # noqa: E402
 
@@ -72,18 +72,10 @@ def render(args, results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--engines", default="ddp,fsdp2,zero3", help=f"of {','.join(ENGINE_ITEMS)}")
-    parser.add_argument("--methods", default="lora,adalora",
-                        help="lora first; of lora,adalora,adalora-noreg,sora,increlora,prilora")
+    add_setup_arguments(parser, "lora,adalora")
     parser.add_argument("--launches", type=int, default=3, help="launches per engine")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per training")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--capacity", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=64, help="global (both processes)")
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per launch")
     parser.add_argument("--json", help="write every launch's step times here")
     args = parser.parse_args(argv)
     args.engines, args.methods = args.engines.split(","), args.methods.split(",")
