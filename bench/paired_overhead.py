@@ -1,7 +1,7 @@
 """Each method's optimizer step beside LoRA's in the same two processes: the low-noise counterpart of
 distributed_overhead.py, whose separate launches of one method each differ by several percent for the same code.
 
-    python bench/paired_overhead.py                          # ddp,fsdp2,zero3; lora,adalora; 3 launches (~6 min)
+    python bench/paired_overhead.py                          # ddp,fsdp2,zero3; lora,adalora; 3 launches (3.6 min)
     python bench/paired_overhead.py --engines ddp --methods lora,adalora,adalora-noreg --launches 5
 
 One launch = one engine: a torchrun of 2 CPU processes (gloo, 1 thread each, bench/paired_worker.py) builds one
