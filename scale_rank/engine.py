@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError, ModelConfig, TrainConfig
+from .host_heap import keep_freed_memory
 
 _ENV_TRUE = ("1", "true", "yes")
 
@@ -48,6 +49,8 @@ def init_processes(timeout_minutes: float = 30.0) -> ProcessInfo:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if not cuda and local_world > 1:  # CPU processes share the cores: oversubscription slows all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not cuda:  # no page faults on every step's activations (scale_rank.host_heap)
+        keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
