@@ -95,7 +95,7 @@ class SensitivityTracker:
         """
         grads = [p.grad for p in self.params]
         if any(grad is None for grad in grads):
-            return [_grad_range(p, start, end) for p, (start, end) in zip(self.params, self.ranges)]
+            return self._range_views(grads)
         pointers = [grad.data_ptr() for grad in grads]
         if pointers == self._grad_views[0]:
             return self._grad_views[1]
@@ -103,8 +103,10 @@ class SensitivityTracker:
         self._grad_views = (pointers, views) if all(grad._is_view() for grad in grads) else ([], [])
         return views
 
-    def _range_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.view(-1)[start:end] for t, (start, end) in zip(tensors, self.ranges)]
+    def _range_views(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The scored range of each tensor, flattened (zeros in place of a missing gradient)."""
+        return [t.view(-1)[start:end] if t is not None else torch.zeros(end - start, device=self.i_bar.device)
+                for t, (start, end) in zip(tensors, self.ranges)]
 
     def _update_whole(self, grad_factor: torch.Tensor | float) -> None:
         """`update` on whole float32 parameters: the same elementwise operations, one foreach call each."""
@@ -140,13 +142,6 @@ class SensitivityTracker:
                                  f"{tuple(getattr(self, key).shape)}: the checkpoint comes from another "
                                  "model, method or sharding")
             getattr(self, key).copy_(state[key])
-
-
-def _grad_range(param: torch.nn.Parameter, start: int, end: int) -> torch.Tensor:
-    """Elements [start, end) of the flattened gradient of `param` (zeros without a gradient)."""
-    if param.grad is None:
-        return torch.zeros(end - start, device=param.device)
-    return param.grad.view(-1)[start:end]  # (update runs without autograd)
 
 
 def _grad_or_zeros(local) -> torch.Tensor:

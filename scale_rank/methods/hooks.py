@@ -140,8 +140,8 @@ class OrthogonalityRegularizer(LayerHooks):
     backward, after DDP's own end-of-backward callback has written the averaged gradients; elsewhere (FSDP,
     ZeRO: the engine moves gradients into shards during the backward) they flow through autograd into the
     engine's reduction. `coef` is gamma / (2 x modules) times `scale(factor)` (1 / grad_accum and an fp16 loss
-    scale); `twice_coef` holds 2 x coef
-    (the derivative's factor) on the layers' device, so that nothing is read back to the host.
+    scale); `twice_coef` holds 2 x coef (the derivative's factor) on the layers' device, so that nothing is
+    read back to the host.
     """
 
     def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float, groups: list[list[int]] | None = None,
