@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .shards import LocalSlice, WholeTensorAccess, narrow, one_group, one_group_per_layer, split_range
+from .shards import (LocalSlice, WholeTensorAccess, already_present, narrow, one_group, one_group_per_layer,
+                     split_range)
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -86,6 +87,8 @@ class FSDP2Access:
         self.model, self.rank, self.world_size = model, rank, world_size
         self._whole = WholeTensorAccess(rank, world_size)
         self._layouts: dict[int, tuple[torch.Size, tuple[int, int, int, int]]] = {}
+
+    ensure_present = staticmethod(already_present)  # FSDP2 gathers a unit before its forward and its backward
 
     def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
         """One group per sharding unit (the nearest enclosing module `fully_shard` was applied to): FSDP2
@@ -182,6 +185,7 @@ class FSDP1Access:
 
     whole_tensors = stores_whole = False  # local shards (ShardAccess)
     resident_groups = staticmethod(one_group_per_layer)
+    ensure_present = staticmethod(already_present)
 
     def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -293,10 +297,31 @@ class DeepSpeedAccess:
                     self._group_of[id(param)] = index
 
     def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
-        """ZeRO-1/2 keep every parameter whole: one group. ZeRO-3 gathers a parameter around its own module
-        only, even one under its persistence threshold (after a checkpoint is loaded, such a factor was found
-        released between another module's forward and the backward): a group per layer."""
-        return one_group_per_layer(layers) if self.stage == 3 else one_group(layers)
+        """ZeRO-1/2 keep every parameter whole: one group. ZeRO-3 keeps a parameter under its persistence
+        threshold (`ds_persist`; LoRA factors usually are) gathered once its module has run, so the layers whose
+        factors all are form one group, read within `present` (which gathers any such factor not held right
+        now: before its module's first forward, and after a checkpoint load); a layer with a partitioned factor
+        exists whole only around its own forward and backward: a group of its own."""
+        if self.stage != 3:
+            return one_group(layers)
+        persistent = [index for index, layer in enumerate(layers)
+                      if all(getattr(p, "ds_persist", False) for p in (layer.lora_A, layer.lora_B))]
+        alone = [[index] for index in range(len(layers)) if index not in set(persistent)]
+        return ([persistent] if persistent else []) + alone
+
+    def ensure_present(self, params: list[nn.Parameter]) -> None:
+        """ZeRO-3: gathers those of `params` it has released (one collective; every rank releases and gathers
+        the same ones, in the same order) and leaves them gathered, as it keeps persistent parameters itself:
+        their gradients, which the regularizer hands over in the backward, then meet a whole parameter."""
+        if self.stage != 3:
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        absent = [p for p in params if self._is_zero3(p) and p.ds_status != ZeroParamStatus.AVAILABLE]
+        if any(not p.ds_persist or p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in absent):
+            raise RuntimeError("the orthogonality regularizer reads a ZeRO-3 adapter factor that is partitioned or "
+                               "being gathered now: only persistent factors are read outside their own module")
+        if absent:
+            absent[0].all_gather(param_list=absent)
 
     # -- which kind of parameter --------------------------------------------------------------------
     @staticmethod

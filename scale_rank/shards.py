@@ -36,9 +36,14 @@ class ShardAccess(Protocol):
 
     def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
         """Indices of `layers` (model order) in groups whose parameters are all present, whole, in the
-        parameters themselves, through the forward and backward of the group's first layer: a hook there may
-        read the whole group (one process and DDP: one group; FSDP2: one per sharding unit; else one per
-        layer)."""
+        parameters themselves, through the forward and backward of the group's first layer, once
+        `ensure_present` has run: a hook there may read the whole group (one process and DDP: one group; FSDP2: one per sharding unit;
+        ZeRO-3: its persistent factors, and one per layer for the rest; else one per layer)."""
+
+    def ensure_present(self, params: list[nn.Parameter]) -> None:
+        """Make every parameter of a resident group in `params` hold its whole value (ZeRO-3 gathers a
+        persistent one it has released, as before its module's first forward or after a checkpoint load;
+        elsewhere nothing to do). Every rank calls it at the same point."""
 
     def storage(self, param: nn.Parameter) -> LocalSlice: ...
 
@@ -54,6 +59,10 @@ class ShardAccess(Protocol):
 def one_group_per_layer(layers: list[nn.Module]) -> list[list[int]]:
     """`ShardAccess.resident_groups` of engines that gather a parameter only around its own module."""
     return [[index] for index in range(len(layers))]
+
+
+def already_present(params: list[nn.Parameter]) -> None:
+    """`ShardAccess.ensure_present` of engines whose resident groups are present without being asked."""
 
 
 def one_group(layers: list[nn.Module]) -> list[list[int]]:
@@ -86,6 +95,7 @@ class WholeTensorAccess:
         self.stores_whole = True
 
     resident_groups = staticmethod(one_group)
+    ensure_present = staticmethod(already_present)
 
     def storage(self, param: nn.Parameter) -> LocalSlice:
         grad = None if param.grad is None else param.grad.detach().reshape(-1)

@@ -76,7 +76,8 @@ class Method:
         gamma = self.config.resolved_gamma()
         if gamma > 0:
             self.regularizer = self.install(OrthogonalityRegularizer(
-                layers, gamma, access.resident_groups(layers), defer_grads=access.stores_whole))
+                layers, gamma, access.resident_groups(layers), defer_grads=access.stores_whole,
+                ensure_present=access.ensure_present))
         self.layout = ComponentLayout(layers)
         self.mask = torch.cat([layer.active.detach().float().cpu() for layer in layers])  # replicated buffer
 

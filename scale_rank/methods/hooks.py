@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..layer import AdaptiveLoRALayer, in_backward
-from ..shards import one_group_per_layer
+from ..shards import already_present, one_group_per_layer
 
 
 class LayerHooks:
@@ -74,7 +74,8 @@ class _OrthogonalityGradient(torch.autograd.Function):
     2 B N / ||N||_F. The forward hook hands in, per group of factors of one shape, the units 2 coef M / ||M||
     (float32, g x r x r), so the backward is one batched matrix product per group. The gradient rides on a layer
     output so that engines that gather parameters only around a module's forward and backward (FSDP, ZeRO-3)
-    have the factors present when it is computed (there, every layer carries its own).
+    have the factors present when it is computed (there, every layer whose factors are released after its
+    module carries its own; `ensure_present` gathers a persistent ZeRO-3 factor released before its time).
 
     `tensors` holds the factors of every group in order, then each group's units. `deferred` (one process and
     DDP): instead of handing each factor its gradient through autograd (one accumulation per factor), add all of
@@ -87,8 +88,8 @@ class _OrthogonalityGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, kinds: tuple[str, ...], sizes: tuple[int, ...],
-                deferred: list[torch.Tensor] | None, *tensors: torch.Tensor) -> torch.Tensor:
-        ctx.kinds, ctx.sizes, ctx.deferred = kinds, sizes, deferred
+                deferred: list[torch.Tensor] | None, ensure_present, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.kinds, ctx.sizes, ctx.deferred, ctx.ensure_present = kinds, sizes, deferred, ensure_present
         ctx.save_for_backward(*tensors)
         return out.view_as(out)
 
@@ -97,6 +98,7 @@ class _OrthogonalityGradient(torch.autograd.Function):
         saved = ctx.saved_tensors
         count = sum(ctx.sizes)
         factors, grads, start = saved[:count], [], 0
+        ctx.ensure_present(list(factors))
         for kind, size, units in zip(ctx.kinds, ctx.sizes, saved[count:]):
             group = factors[start:start + size]
             start += size
@@ -104,8 +106,8 @@ class _OrthogonalityGradient(torch.autograd.Function):
             grads += [g.to(f.dtype) for g, f in zip(gradient.unbind(0), group)]
         if ctx.deferred is not None:
             _after_backward_callbacks(lambda params=ctx.deferred, grads=grads: _add_to_grads(params, grads))
-            return (grad_out, None, None, None, *([None] * (count + len(ctx.sizes))))
-        return (grad_out, None, None, None, *grads, *([None] * len(ctx.sizes)))
+            return (grad_out, None, None, None, None, *([None] * (count + len(ctx.sizes))))
+        return (grad_out, None, None, None, None, *grads, *([None] * len(ctx.sizes)))
 
 
 def _after_backward_callbacks(callback) -> None:
@@ -133,9 +135,11 @@ class OrthogonalityRegularizer(LayerHooks):
     The term is not added to the loss: a forward hook computes the residuals (float32, no autocast) and
     `_OrthogonalityGradient` adds their closed-form gradient in the backward. `groups`
     (`ShardAccess.resident_groups`; default one per layer): each group's first layer carries one hook for
-    the group, in one batch per factor shape; one process and DDP have one group, so the work per step does
-    not grow with the number of modules; FSDP2 one per sharding unit (transformer block). One layer per
-    group multiplies batches of one: the same kernels, the same bits. `defer_grads` (one process and DDP,
+    the group, in one batch per factor shape, reading the factors after `ensure_present`
+    (`ShardAccess.ensure_present`) in the forward and in the backward; one process and DDP have one group, so
+    the work per step does not grow with the number of modules; FSDP2 one per sharding unit (transformer
+    block); ZeRO-3 one for its persistent factors. One layer per group multiplies batches of one: the same
+    kernels, the same bits. `defer_grads` (one process and DDP,
     with a single group): the gradients go straight into `.grad` with one foreach operation at the end of the
     backward, after DDP's own end-of-backward callback has written the averaged gradients; elsewhere (FSDP,
     ZeRO: the engine moves gradients into shards during the backward) they flow through autograd into the
@@ -145,12 +149,12 @@ class OrthogonalityRegularizer(LayerHooks):
     """
 
     def __init__(self, layers: list[AdaptiveLoRALayer], gamma: float, groups: list[list[int]] | None = None,
-                 defer_grads: bool = False):
+                 defer_grads: bool = False, ensure_present=already_present):
         super().__init__()
         groups = groups if groups is not None else one_group_per_layer(layers)
         if defer_grads and len(groups) != 1:
             raise ValueError("defer_grads needs a single group (one hook that sees every factor)")
-        self.layers, self.defer_grads = layers, defer_grads
+        self.layers, self.defer_grads, self.ensure_present = layers, defer_grads, ensure_present
         self.weight = gamma / (2 * len(layers))
         self.coef = self.weight
         device = layers[0].lora_A.device
@@ -180,11 +184,12 @@ class OrthogonalityRegularizer(LayerHooks):
         def hook(layer: AdaptiveLoRALayer, args, out: torch.Tensor):
             if layer.merged or not torch.is_grad_enabled():
                 return None
-            factors, units = [], []
+            by_group = [[self.layers[i].lora_A if group.kind == "A" else self.layers[i].lora_B
+                         for i in group.members] for group in groups]
+            factors, units = [factor for params in by_group for factor in params], []
+            self.ensure_present(factors)
             with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
-                for offset, group in enumerate(groups):
-                    params = [self.layers[i].lora_A if group.kind == "A" else self.layers[i].lora_B
-                              for i in group.members]
+                for offset, (group, params) in enumerate(zip(groups, by_group)):
                     residual = _gram(_batch(params), group.kind).add_(self.minus_eye[group.r])
                     pairs = self.active_pairs(group)
                     if pairs is not None:
@@ -195,9 +200,8 @@ class OrthogonalityRegularizer(LayerHooks):
                     inverse = self.twice_coef / norms.clamp_min(torch.finfo(norms.dtype).tiny)
                     units.append(residual.mul_(inverse.view(-1, 1, 1)))
                     self.last[slot + offset] = norms
-                    factors += params
             deferred = list(factors) if self.defer_grads else None
-            return _OrthogonalityGradient.apply(out, kinds, sizes, deferred, *factors, *units)
+            return _OrthogonalityGradient.apply(out, kinds, sizes, deferred, self.ensure_present, *factors, *units)
         return hook
 
     def active_pairs(self, group: _FactorGroup) -> torch.Tensor | None:

@@ -34,6 +34,8 @@ def recorder(record: dict):
         record["losses"].append(loss)
         scores = controller.method.last_scores
         record["scores"].append(torch.zeros(0) if scores is None else scores.double().cpu().clone())
+        regularizer = controller.method.regularizer
+        record["regularizer_hooks"] = len(regularizer.handles) if regularizer is not None else 0
     return observe
 
 

@@ -84,6 +84,9 @@ def check_engine(engine: str, quantization: str, methods: list[str], model_dir: 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_every_method_matches_one_process(engine, model_dir, tmp_path):
     check_engine(engine, "none", METHODS, model_dir, tmp_path)
+    if engine in ("ddp", "zero2", "zero3"):  # every factor whole at its hook (ZeRO-3: all are persistent)
+        record = torch.load(tmp_path / f"{engine}_adalora_rank0.pt")
+        assert record["regularizer_hooks"] == 1, "the regularizer should be one hook for all layers"
 
 
 @pytest.mark.parametrize("quantization,engine", QUANTIZED)

@@ -64,6 +64,9 @@ class _Copying:
     def resident_groups(self, layers):
         return self.inner.resident_groups(layers)
 
+    def ensure_present(self, params):
+        self.inner.ensure_present(params)
+
     def __init__(self, inner):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
 
