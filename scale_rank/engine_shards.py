@@ -299,15 +299,15 @@ class DeepSpeedAccess:
     def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
         """ZeRO-1/2 keep every parameter whole: one group. ZeRO-3 keeps a parameter under its persistence
         threshold (`ds_persist`; LoRA factors usually are) gathered once its module has run, so the layers whose
-        factors all are form one group, read within `present` (which gathers any such factor not held right
-        now: before its module's first forward, and after a checkpoint load); a layer with a partitioned factor
-        exists whole only around its own forward and backward: a group of its own."""
+        factors all are form one group, read after `ensure_present` (which gathers any such factor not held
+        right now: before its module's first forward, and after a checkpoint load); a layer with a partitioned
+        factor exists whole only around its own forward and backward: a group of its own."""
         if self.stage != 3:
             return one_group(layers)
-        persistent = [index for index, layer in enumerate(layers)
-                      if all(getattr(p, "ds_persist", False) for p in (layer.lora_A, layer.lora_B))]
-        alone = [[index] for index in range(len(layers)) if index not in set(persistent)]
-        return ([persistent] if persistent else []) + alone
+        persistent = [all(getattr(p, "ds_persist", False) for p in (layer.lora_A, layer.lora_B)) for layer in layers]
+        together = [index for index, kept in enumerate(persistent) if kept]
+        alone = [[index] for index, kept in enumerate(persistent) if not kept]
+        return ([together] if together else []) + alone
 
     def ensure_present(self, params: list[nn.Parameter]) -> None:
         """ZeRO-3: gathers those of `params` it has released (one collective; every rank releases and gathers

@@ -37,8 +37,9 @@ class ShardAccess(Protocol):
     def resident_groups(self, layers: list[nn.Module]) -> list[list[int]]:
         """Indices of `layers` (model order) in groups whose parameters are all present, whole, in the
         parameters themselves, through the forward and backward of the group's first layer, once
-        `ensure_present` has run: a hook there may read the whole group (one process and DDP: one group; FSDP2: one per sharding unit;
-        ZeRO-3: its persistent factors, and one per layer for the rest; else one per layer)."""
+        `ensure_present` has run: a hook there may read the whole group (one process and DDP: one group; FSDP2:
+        one per sharding unit; ZeRO-3: its persistent factors, and one per layer for the rest; else one per
+        layer)."""
 
     def ensure_present(self, params: list[nn.Parameter]) -> None:
         """Make every parameter of a resident group in `params` hold its whole value (ZeRO-3 gathers a

@@ -139,9 +139,9 @@ class OrthogonalityRegularizer(LayerHooks):
     (`ShardAccess.ensure_present`) in the forward and in the backward; one process and DDP have one group, so
     the work per step does not grow with the number of modules; FSDP2 one per sharding unit (transformer
     block); ZeRO-3 one for its persistent factors. One layer per group multiplies batches of one: the same
-    kernels, the same bits. `defer_grads` (one process and DDP,
-    with a single group): the gradients go straight into `.grad` with one foreach operation at the end of the
-    backward, after DDP's own end-of-backward callback has written the averaged gradients; elsewhere (FSDP,
+    kernels, the same bits. `defer_grads` (one process and DDP, with a single group): the gradients go
+    straight into `.grad` with one foreach operation at the end of the backward, after DDP's own
+    end-of-backward callback has written the averaged gradients; elsewhere (FSDP,
     ZeRO: the engine moves gradients into shards during the backward) they flow through autograd into the
     engine's reduction. `coef` is gamma / (2 x modules) times `scale(factor)` (1 / grad_accum and an fp16 loss
     scale); `twice_coef` holds 2 x coef (the derivative's factor) on the layers' device, so that nothing is
