@@ -61,6 +61,11 @@ def _store(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src.reshape(dst.shape))
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (the tensor itself otherwise), without `to_local`'s autograd function."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
 def _empty_like(param: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(0, dtype=dtype or param.dtype, device=param.device)
 
@@ -77,8 +82,9 @@ def _replica_split(local: LocalSlice, replica: int, n_replicas: int) -> LocalSli
 class FSDP2Access:
     """Parameters are DTensors sharded on dim 0: the local rows are one contiguous flat range.
 
-    `to_local()` is a view of the sharded parameter FSDP2 all-gathers from, and the gradient is a DTensor
-    sharded the same way, so edits are in place.
+    The local tensor is the sharded parameter FSDP2 all-gathers from, and the gradient is a DTensor sharded the
+    same way, so edits are in place. Local tensors are read directly (not through `to_local()`, an autograd
+    function of about 10 us a call) and their flat views kept, so that a step's reads cost lookups.
     """
 
     whole_tensors = stores_whole = False  # local shards (ShardAccess)
@@ -87,6 +93,7 @@ class FSDP2Access:
         self.model, self.rank, self.world_size = model, rank, world_size
         self._whole = WholeTensorAccess(rank, world_size)
         self._layouts: dict[int, tuple[torch.Size, tuple[int, int, int, int]]] = {}
+        self._values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> (local tensor, flat view)
 
     ensure_present = staticmethod(already_present)  # FSDP2 gathers a unit before its forward and its backward
 
@@ -145,14 +152,22 @@ class FSDP2Access:
         if not isinstance(param, DTensor):
             return self._whole.storage(param)
         start, end, _, _ = self._layout(param)
-        with torch.no_grad():
-            values = _flat(param.to_local())
-            grad = None
-            if param.grad is not None:
-                grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-                grad = _flat(grad)
+        values = self._flat_values(param)
+        grad = None if param.grad is None else _flat(_local(param.grad))
         assert values.numel() == end - start, (values.numel(), start, end)
         return LocalSlice(start, end, values, grad)
+
+    def _flat_values(self, param) -> torch.Tensor:
+        """The flat view of a parameter's local tensor, kept while FSDP2 keeps that tensor (it makes a new one
+        when it resets its shards, e.g. on loading a state dict): a storage read is then a lookup."""
+        local = param._local_tensor
+        cached = self._values.get(id(param))
+        if cached is not None and cached[0] is local:
+            return cached[1]
+        flat = _flat(local)
+        if local.is_contiguous():  # a view: edits reach the parameter (a copy is made afresh, stored back)
+            self._values[id(param)] = (local, flat)
+        return flat
 
     def scoring(self, param: nn.Parameter) -> LocalSlice:
         from torch.distributed.tensor import DTensor
@@ -167,11 +182,9 @@ class FSDP2Access:
 
         if not isinstance(param, DTensor):
             return self._whole.write(param, local)
-        with torch.no_grad():
-            _store(param.to_local(), local.values)
-            if local.grad is not None and param.grad is not None:
-                grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-                _store(grad, local.grad)
+        _store(param._local_tensor, local.values)
+        if local.grad is not None and param.grad is not None:
+            _store(_local(param.grad), local.grad)
 
 
 # -- FSDP1 (FullyShardedDataParallel, use_orig_params=True) ----------------------------------------------

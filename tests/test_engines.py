@@ -157,3 +157,23 @@ def test_each_torch_engine_checkpoints_the_fp16_loss_scale(kind, one_rank_group,
     engine.scaler.update(new_scale=8.0)
     engine.load_state(tmp_path)
     assert engine.grad_scale() == 1024.0
+
+
+def test_fsdp2_storage_is_the_local_shard_and_follows_a_new_one(one_rank_group, single_thread):
+    """FSDP2's access hands out (and keeps) a flat view of each DTensor's local tensor: an edit through it reaches
+    the parameter, and when FSDP2 puts a new local tensor in place (it does on resetting its shards) the next
+    read views that one, not the kept one."""
+    model, groups = _adapted()
+    engine = make_engine("fsdp2", model, groups, TrainConfig(), 10, ONE_PROCESS)
+    ids, labels = fixed_batches()[0]
+    engine.backward(engine.forward({"input_ids": ids, "labels": labels}).loss, 1)
+    lam = adapter_layers(engine.model)[0].lora_lam
+    local = engine.access.storage(lam)
+    assert local.values.data_ptr() == lam._local_tensor.data_ptr()
+    assert local.grad.data_ptr() == lam.grad._local_tensor.data_ptr()
+    assert engine.access.storage(lam).values is local.values  # kept, not made again
+    local.values.fill_(3.0)
+    assert torch.equal(lam.full_tensor(), torch.full_like(lam.full_tensor(), 3.0))
+    lam._local_tensor = torch.full_like(lam._local_tensor, 5.0)
+    again = engine.access.storage(lam)
+    assert again.values.data_ptr() == lam._local_tensor.data_ptr() and torch.all(again.values == 5.0)
