@@ -1,7 +1,7 @@
 """What adaptive rank allocation costs in sharded training: 2 CPU processes (torchrun, gloo) under DDP,
 FSDP2 and DeepSpeed ZeRO-3, LoRA against AdaLoRA (and optionally the other methods) at the same capacity.
 
-    python bench/distributed_overhead.py                       # defaults: about 15 min on 2 busy CPU cores
+    python bench/distributed_overhead.py                       # defaults: about 12 min on 2 CPU cores
     python bench/distributed_overhead.py --repeats 5 --engines ddp,zero3
     python bench/distributed_overhead.py --methods lora,adalora,sora,increlora,prilora --repeats 2
     python bench/distributed_overhead.py --no-timing            # only the traffic sweep (about 1 min)
@@ -19,22 +19,25 @@ r_max=8, PRILoRA 4..12 over depth). Decisions as often as a method allows: AdaLo
 step, SoRA thresholds every step, PRILoRA prunes every 10 steps. "adalora-noreg" is AdaLoRA with gamma=0
 (no orthogonality regularizer in forward/backward), which leaves the controller's own cost.
 
-Measured (one launch = one engine x one method, 2 processes):
-1. Step time: each launch runs --steps optimizer steps, the first --warmup untimed; a step is the time
-   between consecutive calls of train()'s observer, as wall time and as the process's CPU time (which
-   leaves out waiting for a core or for the other rank: the robust number on a shared machine). Launches are interleaved: each repeat runs every engine
-   and, within it, every method, the method order rotating each repeat, so slow drifts of a shared machine
-   hit all methods alike. ms/step: median over launches of each launch's median step. vs LoRA: median over
-   repeats of (method's launch median / LoRA's launch median of the same repeat and engine), min-max in
-   brackets. Controller: observe() + apply() per step (rank 0, which also decides), its parts, and its
-   median as a share of the median step.
+Measured (2 processes per launch):
+1. Step time: one launch per engine and repeat trains every method of --methods side by side in the same two
+   processes (distributed_worker.py --in-turn): each method's train() in its own thread, one optimizer step at
+   a time, the order of the methods rotating every step, so every method meets the same heap, page-fault and
+   cache state and the same load of a shared machine, step after step (separate launches of the same code
+   differ by several percent). Each run takes --steps optimizer steps, the first --warmup untimed; a step is
+   the time from the moment train()'s loop gets control back from its observer to its next observer call
+   (forward, backward, observe, optimizer step, apply, the loop's logging, telemetry and loss all-reduce), as
+   wall time and as the process's CPU time (which leaves out waiting for a core or for the other rank).
+   ms/step: median over launches of each launch's median step. vs LoRA: median over launches of (method's
+   median step / LoRA's in the same launch), min-max in brackets. Controller: observe() + apply() per step
+   (rank 0, which also decides), its parts, and its median as a share of the median step.
 2. Traffic: controller.comm.bytes_moved and .calls per optimizer step (timed steps), against adapter
    parameters and total capacity; plus a sweep (one launch of DDP runs with --sweep-steps steps) over
    hidden size and capacity showing the bytes follow total rank, not adapter parameters.
-3. Memory, LoRA and AdaLoRA in separate launches: the peak RSS of each process over set-up and, restarted
-   (/proc/self/clear_refs), over the optimizer steps (ru_maxrss); the steady RSS after each step; the RSS
-   jump while the RankController is built (AdaLoRA's EMAs are allocated there); and the exact bytes of
-   every tensor the method keeps.
+3. Memory, LoRA and AdaLoRA each alone in its processes (--memory-repeats launches of --memory-steps steps per
+   engine and method): the peak RSS of each process over set-up and, restarted (/proc/self/clear_refs), over
+   the optimizer steps (ru_maxrss); the steady RSS after each step; the RSS jump while the RankController is
+   built (AdaLoRA's EMAs are allocated there); and the exact bytes of every tensor the method keeps.
 """
 from __future__ import annotations
 
@@ -90,11 +93,14 @@ def run_items(model_dir: Path, out_dir: Path, engine: str, method: str, steps: i
             "train.lr=0.0005", *ENGINE_ITEMS[engine]]
 
 
-def launch(work: Path, tag: str, warmup: int, items: list[str], timeout: float) -> list[list[dict]]:
-    """One torchrun of 2 processes; per run, the records of both ranks."""
+def launch(work: Path, tag: str, warmup: int, items: list[str], timeout: float,
+           in_turn: bool = False) -> list[list[dict]]:
+    """One torchrun of 2 processes (its runs one after another, or with `in_turn` one step at a time); per
+    run, the records of both ranks."""
     out = work / tag
     out.mkdir(parents=True)
-    code = run_workers(WORKER, out, [str(warmup), *items], nproc=2, timeout=timeout)
+    code = run_workers(WORKER, out, [str(warmup), *(["--in-turn"] if in_turn else []), *items], nproc=2,
+                       timeout=timeout)
     if code != 0:
         raise RuntimeError(f"launch {tag} failed ({code}):\n" + (out / "output.txt").read_text()[-4000:])
     ranks = [json.loads((out / f"rec.rank{r}.json").read_text()) for r in (0, 1)]
@@ -102,10 +108,11 @@ def launch(work: Path, tag: str, warmup: int, items: list[str], timeout: float) 
 
 
 # -- summarising one run ----------------------------------------------------------------------------------
-def step_times(rec: dict, key: str = "step_end") -> list[float]:
-    """Seconds (wall, or CPU with key "step_end_cpu") of each timed step (steps warmup+1 .. T)."""
-    ends = rec[key]
-    return [ends[s - 1] - ends[s - 2] for s in range(max(2, rec["warmup"] + 1), len(ends) + 1)]
+def step_times(rec: dict, clock: str = "") -> list[float]:
+    """Seconds (wall, or CPU with clock "_cpu") of each timed step (steps warmup+1 .. T; never step 1, which
+    starts with the set-up)."""
+    starts, ends = rec["step_start" + clock], rec["step_end" + clock]
+    return [ends[s - 1] - starts[s - 1] for s in range(max(2, rec["warmup"] + 1), len(ends) + 1)]
 
 
 def per_step(entries: list, first: int, last: int) -> list[float]:
@@ -117,16 +124,22 @@ def per_step(entries: list, first: int, last: int) -> list[float]:
     return list(sums.values())
 
 
+def timed_steps(rec: dict) -> tuple[int, int]:
+    """First and last timed step (1-based)."""
+    return max(2, rec["warmup"] + 1), len(rec["step_end"])
+
+
 def summarise(ranks: list[dict]) -> dict:
-    """Medians of one launch (step: rank 0; the ranks step together)."""
+    """Step times, the controller's parts and its traffic in one run (medians; step: rank 0, the ranks step
+    together)."""
     r0 = ranks[0]
-    first, last = max(2, r0["warmup"] + 1), len(r0["step_end"])
+    first, last = timed_steps(r0)
     out = {"step_ms": 1e3 * statistics.median(step_times(r0))}
     for key in ("observe_s", "apply_s"):
         out[key[:-2] + "_ms"] = 1e3 * statistics.median(r0[key][first - 1:last])
     out["controller_ms"] = 1e3 * statistics.median(
         [o + a for o, a in zip(r0["observe_s"][first - 1:last], r0["apply_s"][first - 1:last])])
-    out["step_cpu_ms"] = 1e3 * statistics.median(step_times(r0, "step_end_cpu"))
+    out["step_cpu_ms"] = 1e3 * statistics.median(step_times(r0, "_cpu"))
     out["controller_cpu_ms"] = 1e3 * statistics.median(
         [o + a for o, a in zip(r0["observe_cpu_s"][first - 1:last], r0["apply_cpu_s"][first - 1:last])])
     out["controller_ms_rank1"] = 1e3 * statistics.median(
@@ -143,6 +156,15 @@ def summarise(ranks: list[dict]) -> dict:
         out[key] = r0[key]
     out["bytes_total"], out["steps"] = b[-1], len(b)
     out["bytes_same_on_ranks"] = ranks[1]["bytes"] == b
+    out["state_bytes"] = statistics.mean(r["method_state_bytes"] for r in ranks)
+    out["scored_local"] = statistics.mean(r["scored_local_entries"] for r in ranks)
+    return out
+
+
+def summarise_memory(ranks: list[dict]) -> dict:
+    """The memory of one run alone in its processes (means of the 2 ranks)."""
+    first, last = timed_steps(ranks[0])
+    out = {key: ranks[0][key] for key in ("adapter_params", "scored_local_entries")}
     out["maxrss_mib"] = statistics.mean(r["maxrss_kib"] for r in ranks) / 1024  # training peak
     out["setup_maxrss_mib"] = statistics.mean(r["maxrss_setup_kib"] for r in ranks) / 1024
     out["peak_reset"] = all(r["peak_reset"] for r in ranks)
@@ -173,23 +195,38 @@ def fmt(x, digits=1):
 
 # -- the benchmark ----------------------------------------------------------------------------------------
 def timing(args, work: Path, model_dir: Path) -> dict:
-    """results[engine][method] = list of per-launch summaries (one per repeat)."""
+    """results[engine][method] = list of per-launch summaries (one per repeat): every method of an engine
+    in the same launch, one step at a time."""
     results = {e: {m: [] for m in args.methods} for e in args.engines}
-    n = len(args.methods)
     for rep in range(args.repeats):
-        order = args.methods[rep % n:] + args.methods[:rep % n]
         for engine in args.engines:
-            for method in order:
-                tag = f"r{rep}_{engine}_{method}"
-                start = time.time()
-                runs = launch(work, tag, args.warmup,
-                              run_items(model_dir, work / tag / "run", engine, method, args.steps, args),
-                              args.timeout)
-                summary = summarise(runs[0])
-                results[engine][method].append(summary)
-                print(f"[{tag}] {time.time() - start:.0f} s launch, {summary['step_ms']:.0f} ms/step, controller "
-                      f"{summary['controller_ms']:.2f} ms, training peak RSS {summary['maxrss_mib']:.0f} MiB", flush=True)
+            tag = f"r{rep}_{engine}"
+            start = time.time()
+            items: list[str] = []
+            for method in args.methods:
+                items += (["::"] if items else []) + run_items(model_dir, work / tag / method, engine, method,
+                                                               args.steps, args)
+            runs = launch(work, tag, args.warmup, items, args.timeout, in_turn=True)
+            for method, ranks in zip(args.methods, runs):
+                results[engine][method].append(summarise(ranks))
+            print(f"[{tag}] {time.time() - start:.0f} s launch, ms/step " + ", ".join(
+                f"{m} {results[engine][m][-1]['step_ms']:.0f}" for m in args.methods), flush=True)
     return results
+
+
+def memory(args, work: Path, model_dir: Path) -> dict:
+    """memory[engine][method] = list of per-launch memory summaries: LoRA and AdaLoRA each alone in its
+    processes (--memory-repeats launches of --memory-steps steps each)."""
+    found = {e: {m: [] for m in ("lora", "adalora")} for e in args.engines}
+    for rep in range(args.memory_repeats):
+        for engine in args.engines:
+            for method in ("lora", "adalora"):
+                tag = f"m{rep}_{engine}_{method}"
+                runs = launch(work, tag, 2, run_items(model_dir, work / tag / "run", engine, method,
+                                                      args.memory_steps, args), args.timeout)
+                found[engine][method].append(summarise_memory(runs[0]))
+                print(f"[{tag}] training peak RSS {found[engine][method][-1]['maxrss_mib']:.0f} MiB", flush=True)
+    return found
 
 
 def sweep(args, work: Path) -> list[dict]:
@@ -223,7 +260,7 @@ def sweep(args, work: Path) -> list[dict]:
     return rows
 
 
-def render(args, results: dict | None, rows: list[dict] | None, meta: dict) -> str:
+def render(args, results: dict | None, mem: dict | None, rows: list[dict] | None, meta: dict) -> str:
     out = [f"Run {meta['date']} on {meta['machine']}; {meta['setup']}", ""]
     if results:
         out += ["**Step time** (rank 0; controller = observe + apply per step, its median as % of the "
@@ -287,39 +324,40 @@ def render(args, results: dict | None, rows: list[dict] | None, meta: dict) -> s
                 out.append(f"| {LABELS[engine]} | {LABELS[method]} | {fmt(bps, 0)} | "
                            f"{fmt(median([x['calls_per_step'] for x in runs]), 2)} | {r['adapter_params']:,} | "
                            f"{r['capacity']} | {fmt(bps / r['capacity'], 1)} | {bps / r['adapter_params']:.4f} |")
-        if all("lora" in pm and "adalora" in pm for pm in results.values()):
-            out += ["", "**Memory per process, AdaLoRA - LoRA** (separate launches; per repeat the difference of "
-                    "the two launches (mean of the 2 ranks), median over repeats [min..max]. set-up peak = "
-                    "ru_maxrss once the controller is built; training peak = ru_maxrss over the optimizer steps "
-                    "(peak restarted after set-up); steady = median VmRSS after each timed step; init jump = "
-                    "VmRSS after - before RankController(...), where the EMAs are allocated; anon trimmed = "
-                    "RssAnon (no file-backed pages, e.g. libtorch code a first kernel call maps in) after glibc "
-                    "malloc_trim(0) (freed heap pages returned): live memory; end = VmRSS after the "
-                    "last step; state = exact bytes of the tensors the method keeps, per process)", "",
-                    "| engine | training peak LoRA MiB | delta training peak MiB | delta set-up peak MiB | "
-                    "delta steady RSS MiB | delta end anon RSS, trimmed MiB | delta init jump KiB | delta init "
-                    "jump, anon trimmed KiB | delta state bytes | state delta / scored local entry | scored local entries / "
-                    "adapter params | delta training peak B / adapter param |",
-                    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if mem:
+        out += ["", "**Memory per process, AdaLoRA - LoRA** (separate launches, each method alone in its processes, "
+                f"{args.memory_steps} steps; per repeat the difference of the two launches (mean of the 2 ranks), "
+                "median over repeats [min..max]. set-up peak = "
+                "ru_maxrss once the controller is built; training peak = ru_maxrss over the optimizer steps "
+                "(peak restarted after set-up); steady = median VmRSS after each timed step; init jump = "
+                "VmRSS after - before RankController(...), where the EMAs are allocated; anon trimmed = "
+                "RssAnon (no file-backed pages, e.g. libtorch code a first kernel call maps in) after glibc "
+                "malloc_trim(0) (freed heap pages returned): live memory; end = VmRSS after the "
+                "last step; state = exact bytes of the tensors the method keeps, per process)", "",
+                "| engine | training peak LoRA MiB | delta training peak MiB | delta set-up peak MiB | "
+                "delta steady RSS MiB | delta end anon RSS, trimmed MiB | delta init jump KiB | delta init "
+                "jump, anon trimmed KiB | delta state bytes | state delta / scored local entry | scored local entries / "
+                "adapter params | delta training peak B / adapter param |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-            def delta(key, ad, lo, scale=1.0):
-                values = [(x[key] - y[key]) * scale for x, y in zip(ad, lo)]
-                return median(values), values
+        def delta(key, ad, lo):
+            values = [x[key] - y[key] for x, y in zip(ad, lo)]
+            return median(values), values
 
-            for engine, per_method in results.items():
-                lo, ad = per_method["lora"], per_method["adalora"]
-                params, scored = ad[0]["adapter_params"], ad[0]["scored_local"]
-                cells = []
-                for key in ("maxrss_mib", "setup_maxrss_mib", "rss_steady_mib", "anon_end_trimmed_mib",
-                            "init_rss_kib", "anon_init_trimmed_kib"):
-                    mid, values = delta(key, ad, lo)
-                    cells.append(f"{mid:+.1f} [{min(values):+.1f}..{max(values):+.1f}]")
-                state = median([x["state_bytes"] for x in ad]) - median([x["state_bytes"] for x in lo])
-                peak = delta("maxrss_mib", ad, lo)[0]
-                reset = "" if all(x["peak_reset"] for x in ad + lo) else " (peak not restarted)"
-                out.append(f"| {LABELS[engine]} | {fmt(median([x['maxrss_mib'] for x in lo]))}{reset} | "
-                           + " | ".join(cells) + f" | {state:+,.0f} | {state / scored:.2f} | "
-                           f"{scored:,.0f} / {params:,} | {peak * 2**20 / params:+.1f} |")
+        for engine, per_method in mem.items():
+            lo, ad = per_method["lora"], per_method["adalora"]
+            params, scored = ad[0]["adapter_params"], ad[0]["scored_local"]
+            cells = []
+            for key in ("maxrss_mib", "setup_maxrss_mib", "rss_steady_mib", "anon_end_trimmed_mib",
+                        "init_rss_kib", "anon_init_trimmed_kib"):
+                mid, values = delta(key, ad, lo)
+                cells.append(f"{mid:+.1f} [{min(values):+.1f}..{max(values):+.1f}]")
+            state = median([x["state_bytes"] for x in ad]) - median([x["state_bytes"] for x in lo])
+            peak = delta("maxrss_mib", ad, lo)[0]
+            reset = "" if all(x["peak_reset"] for x in ad + lo) else " (peak not restarted)"
+            out.append(f"| {LABELS[engine]} | {fmt(median([x['maxrss_mib'] for x in lo]))}{reset} | "
+                       + " | ".join(cells) + f" | {state:+,.0f} | {state / scored:.2f} | "
+                       f"{scored:,.0f} / {params:,} | {peak * 2**20 / params:+.1f} |")
     if rows:
         out += ["", f"**Traffic sweep** (DDP, 2 processes, {args.sweep_steps} steps per run; bytes per step "
                 "where the method reduces, max and mean over the run; C = total capacity, sum of r_max)", "",
@@ -354,6 +392,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--memory-repeats", type=int, default=1,
+                        help="launches of LoRA and of AdaLoRA alone per engine, for the memory table (0: none; "
+                             "only with adalora in --methods)")
+    parser.add_argument("--memory-steps", type=int, default=10)
     parser.add_argument("--sweep-hidden", default="128,256,384")
     parser.add_argument("--sweep-capacity", default="4,8,16")
     parser.add_argument("--sweep-steps", type=int, default=6)
@@ -370,6 +412,8 @@ def main(argv=None) -> int:
         parser.error("--methods must start with lora (the baseline)")
     if args.steps - args.warmup < 3:
         parser.error("--steps must exceed --warmup by at least 3")
+    if args.memory_repeats and args.memory_steps < 5:
+        parser.error("--memory-steps must be at least 5 (2 warmup steps, then the steady RSS)")
 
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="dist_bench_") as tmp:
@@ -378,6 +422,8 @@ def main(argv=None) -> int:
         work.mkdir(parents=True)
         model_dir = tiny_model_dir(work / "models" / f"h{args.hidden}", layers=args.layers, hidden=args.hidden)
         results = None if args.no_timing else timing(args, work, model_dir)
+        measure_memory = not args.no_timing and args.memory_repeats > 0 and "adalora" in args.methods
+        mem = memory(args, work, model_dir) if measure_memory else None
         rows = None if args.no_sweep else sweep(args, work)
     import torch
     meta = {"date": datetime.date.today().isoformat(),
@@ -390,9 +436,10 @@ def main(argv=None) -> int:
                          f"({args.warmup} warmup) per engine and method; ")
                       + f"total {(time.time() - started) / 60:.1f} min")}
     print()
-    print(render(args, results, rows, meta))
+    print(render(args, results, mem, rows, meta))
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "sweep": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "memory": mem, "sweep": rows},
+                                              indent=1))
     return 0
 
 

@@ -1,20 +1,27 @@
 """One launch of bench/distributed_overhead.py: train one method through scale_rank.train under one engine
 (the same loop users run), with the controller instrumented from outside the library.
 
-    torchrun --nproc_per_node 2 bench/distributed_worker.py OUT_DIR WARMUP section.key=value ... [:: ...]
+    torchrun --nproc_per_node 2 bench/distributed_worker.py OUT_DIR WARMUP [--in-turn] section.key=value ... [:: ...]
 
-Items separated by "::" are several runs, one after another in the same processes (the traffic sweep).
+Items separated by "::" are several runs in the same processes: one after another (the traffic sweep and
+the memory launches), or with --in-turn side by side, one optimizer step at a time (the step-time
+comparison): each run's train() in its own thread, and a `Turns` schedule lets exactly one of them work at a
+time, handing over at train()'s observer after every step, the order of the runs rotating every step. So
+every run meets the same machine state as its neighbours, step after step (separate launches of the same code
+differ by several percent: each process's heap, page faults and cache state are its own). Set-up, the last
+step's evaluation and export run in turn too, so both ranks issue their collectives in the same order.
 What it records, per rank and run, into OUT_DIR/rec.rank<R>.json:
-- the wall time of every optimizer step (between consecutive calls of train()'s observer, so one step is
-  forward + backward + observe + optimizer step + apply + zero_grad + the loop's loss all-reduce), and the
-  process's CPU time over the same span (time.process_time: what the process computed, without the time
-  it waited for a core or for the other rank, so far less sensitive to other jobs on a shared machine);
+- the wall time of every optimizer step (from the moment train()'s loop gets control back from the observer
+  to its next observer call, so one step is forward + backward + observe + optimizer step + apply +
+  zero_grad + the loop's per-step logging, telemetry and loss all-reduce), and the process's CPU time over
+  the same span (time.process_time: what the process computed, without the time it waited for a core or
+  for the other rank, so far less sensitive to other jobs on a shared machine);
 - the wall and CPU time of every RankController.observe() and apply() call (both wrapped), and of its
   parts: the method's before_step/partial_sums/absorb/decide/apply, the controller's collectives
   (Collective.all_reduce_sum/broadcast, waiting for the other rank included) and the engine's
   ShardAccess.write (under ZeRO it all-gathers the edited parameter); the loop's loss all-reduce too;
 - controller.comm.bytes_moved and .calls after every step;
-- memory: VmRSS just before and just after RankController.__init__ (the method's state, e.g. the
+- memory (separate runs only; with --in-turn the process holds every run at once): VmRSS just before and just after RankController.__init__ (the method's state, e.g. the
   sensitivity EMAs, is allocated in bind() there), also both after malloc_trim(0), and the same pair at
   the end of the last step; the bytes of every tensor the method keeps (exact);
   ru_maxrss (peak RSS) once the controller is built (model, engine and controller set-up), after which
@@ -29,6 +36,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,11 +127,62 @@ def split_items(items: list[str]) -> list[list[str]]:
     return groups
 
 
+class Turns:
+    """Several runs in threads, one working at a time: run `i` works while the schedule points at it.
+
+    The schedule holds (step, run) for steps 1..T, the runs of step s in the order rotated by s - 1. A run
+    hands over at the observer of each of its steps but the last, and when its train() returns (so its set-up
+    happens before its first step, and its evaluation and export after its last, each in its turn). A failing
+    run ends the schedule: the others raise instead of waiting for ever.
+    """
+
+    def __init__(self, runs: int, steps: int):
+        self.schedule = [(step, (step - 1 + k) % runs) for step in range(1, steps + 1) for k in range(runs)]
+        self.position, self.failed = 0, False
+        self.changed = threading.Condition()
+
+    def wait(self, run: int) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.failed or self.current() == run)
+            if self.failed:
+                raise RuntimeError("another run in this launch failed")
+
+    def hand_over(self) -> None:
+        with self.changed:
+            self.position += 1
+            self.changed.notify_all()
+
+    def fail(self) -> None:
+        with self.changed:
+            self.failed = True
+            self.changed.notify_all()
+
+    def current(self) -> int | None:
+        return self.schedule[self.position][1] if self.position < len(self.schedule) else None
+
+
 def main() -> int:
     out_dir, warmup, *items = sys.argv[1:]
     warmup = int(warmup)
-    groups = split_items(items)  # several runs, one after another in this launch
-    cur: dict = {}  # the record of the run in progress
+    in_turn = bool(items) and items[0] == "--in-turn"
+    groups = split_items(items[1:] if in_turn else items)  # several runs in this launch
+    local = threading.local()  # the record of the run this thread trains
+
+    class Current:
+        """The record of the calling thread's run, as a dict."""
+        def __getitem__(self, key):
+            return local.record[key]
+
+        def __setitem__(self, key, value):
+            local.record[key] = value
+
+        def get(self, key, default=None):
+            return local.record.get(key, default)
+
+        def setdefault(self, key, default):
+            return local.record.setdefault(key, default)
+
+    cur = Current()
 
     def step_now() -> int:
         return len(cur["step_end"]) + 1  # the optimizer step in progress (1-based)
@@ -132,15 +191,18 @@ def main() -> int:
     orig_init, orig_observe, orig_apply = Controller.__init__, Controller.observe, Controller.apply
 
     def init(self, *args, **kwargs):
-        before, before_trimmed = vm_rss_kib(), trimmed_rss_kib()
-        before_anon = vm_rss_kib("RssAnon")
-        orig_init(self, *args, **kwargs)
-        cur["rss_controller_init_kib"] = vm_rss_kib() - before
-        cur["rss_controller_init_trimmed_kib"] = trimmed_rss_kib() - before_trimmed
-        cur["anon_controller_init_trimmed_kib"] = vm_rss_kib("RssAnon") - before_anon
-        # peak so far (model build, engine set-up, controller), then restart the peak for training
-        cur["maxrss_setup_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        cur["peak_reset"] = reset_peak_rss()
+        if in_turn:
+            orig_init(self, *args, **kwargs)
+        else:
+            before, before_trimmed = vm_rss_kib(), trimmed_rss_kib()
+            before_anon = vm_rss_kib("RssAnon")
+            orig_init(self, *args, **kwargs)
+            cur["rss_controller_init_kib"] = vm_rss_kib() - before
+            cur["rss_controller_init_trimmed_kib"] = trimmed_rss_kib() - before_trimmed
+            cur["anon_controller_init_trimmed_kib"] = vm_rss_kib("RssAnon") - before_anon
+            # peak so far (model build, engine set-up, controller), then restart the peak for training
+            cur["maxrss_setup_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            cur["peak_reset"] = reset_peak_rss()
         cur["method_state_bytes"] = tensor_bytes(self.method, set())
         tracker = getattr(self.method, "tracker", None)
         cur["scored_local_entries"] = int(tracker.index.numel()) if tracker is not None else 0
@@ -203,30 +265,67 @@ def main() -> int:
         return out
     train_module._mean_over_ranks = mean_over_ranks
 
-    records = []
-    for items in groups:
+    turns = None
+    if in_turn:
+        steps = {load_config(None, items).train.total_steps for items in groups}
+        if len(steps) != 1:
+            raise SystemExit(f"--in-turn runs must take the same number of steps, not {sorted(steps)}")
+        turns = Turns(len(groups), steps.pop())
+
+    def run(index: int, items: list[str], records: list) -> None:
+        """Train run `index` (in its turns with --in-turn); its record goes to records[index]."""
         cfg = load_config(None, items)
-        cur.clear()
-        cur.update(items=items, warmup=warmup, observe_s=[], apply_s=[], observe_cpu_s=[], apply_cpu_s=[],
-                   step_end=[], step_end_cpu=[], bytes=[], calls=[], rss_kib=[], parts={}, loss_allreduce_s=[])
+        local.record = dict(items=items, warmup=warmup, observe_s=[], apply_s=[], observe_cpu_s=[], apply_cpu_s=[],
+                            step_start=[None], step_start_cpu=[None], step_end=[], step_end_cpu=[], bytes=[],
+                            calls=[], rss_kib=[], parts={}, loss_allreduce_s=[])
 
         def observer(step, controller, loss, total=cfg.train.total_steps):
             cur["step_end"].append(time.perf_counter())
             cur["step_end_cpu"].append(time.process_time())
             cur["bytes"].append(controller.comm.bytes_moved)
             cur["calls"].append(controller.comm.calls)
-            cur["rss_kib"].append(vm_rss_kib())
+            if not in_turn:
+                cur["rss_kib"].append(vm_rss_kib())
             if step == total:
                 cur["in_training"] = False  # evaluation's forwards are not steps
-                cur["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 cur["ranks_end"] = int(sum(controller.method.ranks().tolist()))
-                cur["rss_end_kib"] = vm_rss_kib()
-                cur["rss_end_trimmed_kib"] = trimmed_rss_kib()
-                cur["anon_end_trimmed_kib"] = vm_rss_kib("RssAnon")
+                if not in_turn:
+                    cur["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                    cur["rss_end_kib"] = vm_rss_kib()
+                    cur["rss_end_trimmed_kib"] = trimmed_rss_kib()
+                    cur["anon_end_trimmed_kib"] = vm_rss_kib("RssAnon")
+                return
+            if in_turn:
+                turns.hand_over()
+                turns.wait(index)
+            cur["step_start"].append(time.perf_counter())  # the loop gets control back: the next step begins
+            cur["step_start_cpu"].append(time.process_time())
 
-        result = train(cfg, progress=False, observer=observer)
+        if turns is not None:
+            turns.wait(index)
+        try:
+            result = train(cfg, progress=False, observer=observer)
+        except BaseException:
+            if turns is not None:
+                turns.fail()
+            raise
         cur["loss_end"] = result.losses[-1]
-        records.append(dict(cur))
+        records[index] = local.record
+        if turns is not None:
+            turns.hand_over()
+
+    records: list = [None] * len(groups)
+    if in_turn:
+        threads = [threading.Thread(target=run, args=(i, items, records)) for i, items in enumerate(groups)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if any(record is None for record in records):
+            return 1
+    else:
+        for index, items in enumerate(groups):
+            run(index, items, records)
     rank = dist.get_rank() if dist.is_initialized() else 0
     info = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "threads": torch.get_num_threads()}

@@ -268,6 +268,28 @@ def test_regularizer_gradient_equals_autograd_of_the_norms_over_active_component
     assert regularizer.value() == pytest.approx(reference / (2 * len(layers)), rel=1e-6)
 
 
+def test_deferred_regularizer_does_not_hold_back_the_factors_gradients(monkeypatch):
+    """With the gradients deferred (one process, DDP), the regularizer's node is not an input of the factors'
+    gradient accumulation: a later layer's factors get their gradient (DDP's reducer sees them ready) as the
+    backward passes their layer, not after the first layer's output, where the regularizer rides."""
+    from scale_rank.layer import AdaptiveLoRALayer
+    from scale_rank.methods import hooks
+    torch.manual_seed(0)
+    layers = [AdaptiveLoRALayer(torch.nn.Linear(8, 8), 4, 1.0) for _ in range(3)]
+    for layer in layers:
+        layer.init_gaussian(0.3)
+    events: list[str] = []
+    monkeypatch.setattr(hooks, "_times_factor", lambda units, batch, kind, _orig=hooks._times_factor: (
+        events.append("regularizer"), _orig(units, batch, kind))[1])
+    layers[-1].lora_A.register_post_accumulate_grad_hook(lambda param: events.append("last layer's A"))
+    hooks.OrthogonalityRegularizer(layers, 0.1, [list(range(3))], defer_grads=True)
+    x = torch.randn(5, 8)
+    for layer in layers:
+        x = layer(x)
+    x.sum().backward()
+    assert events.index("last layer's A") < events.index("regularizer"), events
+
+
 @pytest.mark.parametrize("name", ["adalora", "sora", "increlora", "prilora"])
 def test_whole_tensor_path_equals_the_sliced_path_bit_for_bit(name, monkeypatch):
     """One process works on the parameters directly (`ShardAccess.whole_tensors`: foreach operations and flat

@@ -78,11 +78,13 @@ class _OrthogonalityGradient(torch.autograd.Function):
     module carries its own; `ensure_present` gathers a persistent ZeRO-3 factor released before its time).
 
     `tensors` holds the factors of every group in order, then each group's units. `deferred` (one process and
-    DDP): instead of handing each factor its gradient through autograd (one accumulation per factor), add all of
-    them to the `.grad` of the parameters in `deferred` with one foreach operation once this backward pass is
-    over (the parameters themselves: under activation checkpointing the saved factors come back as aliases),
-    after every end-of-backward callback queued before then: DDP's, which writes the averaged gradients into
-    `.grad`, comes first. The regularizer's gradient is the same on every rank, so adding it after the
+    DDP): the factors (the parameters themselves) come in `deferred` instead, and `tensors` holds only the
+    units; instead of handing each factor its gradient through autograd (one accumulation per factor), add all
+    of them to the factors' `.grad` with one foreach operation once this backward pass is over, after every
+    end-of-backward callback queued before then: DDP's, which writes the averaged gradients into `.grad`, comes
+    first. As the factors are then no inputs of this function, autograd does not hold back their gradient
+    accumulation until it reaches the first layer's output: DDP reduces each bucket as the backward passes its
+    layers, as it does for LoRA. The regularizer's gradient is the same on every rank, so adding it after the
     averaging gives what adding it before would (and what one process computes).
     """
 
@@ -96,8 +98,8 @@ class _OrthogonalityGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         saved = ctx.saved_tensors
-        count = sum(ctx.sizes)
-        factors, grads, start = saved[:count], [], 0
+        count = 0 if ctx.deferred is not None else sum(ctx.sizes)
+        factors, grads, start = (ctx.deferred if ctx.deferred is not None else saved[:count]), [], 0
         ctx.ensure_present(list(factors))
         for kind, size, units in zip(ctx.kinds, ctx.sizes, saved[count:]):
             group = factors[start:start + size]
@@ -200,8 +202,9 @@ class OrthogonalityRegularizer(LayerHooks):
                     inverse = self.twice_coef / norms.clamp_min(torch.finfo(norms.dtype).tiny)
                     units.append(residual.mul_(inverse.view(-1, 1, 1)))
                     self.last[slot + offset] = norms
-            deferred = list(factors) if self.defer_grads else None
-            return _OrthogonalityGradient.apply(out, kinds, sizes, deferred, self.ensure_present, *factors, *units)
+            if self.defer_grads:
+                return _OrthogonalityGradient.apply(out, kinds, sizes, factors, self.ensure_present, *units)
+            return _OrthogonalityGradient.apply(out, kinds, sizes, None, self.ensure_present, *factors, *units)
         return hook
 
     def active_pairs(self, group: _FactorGroup) -> torch.Tensor | None:
