@@ -303,6 +303,7 @@ class DeepSpeedAccess:
             if hpz > 1:
                 raise NotImplementedError("ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1) keeps "
                                           "a secondary copy scale_rank does not update; set it to 1")
+        self._ranges: dict[int, tuple[int, int, int]] = {}  # id(ZeRO-3 parameter) -> its _z3_range
         self._group_of: dict[int, int] = {}
         for attr in ("bit16_groups", "bf16_groups"):
             for index, group in enumerate(getattr(self.optimizer, attr, None) or []):
@@ -354,7 +355,14 @@ class DeepSpeedAccess:
 
     # -- ZeRO-3 ---------------------------------------------------------------------------------------
     def _z3_range(self, param) -> tuple[int, int, int]:
-        """(start, end, partition size) of this rank's partition of a ZeRO-3 parameter."""
+        """(start, end, partition size) of this rank's partition of a ZeRO-3 parameter, worked out once per
+        parameter (ZeRO-3 never repartitions; the controller reads every adapter parameter at every step)."""
+        found = self._ranges.get(id(param))
+        if found is None:
+            found = self._ranges[id(param)] = self._z3_partition(param)
+        return found
+
+    def _z3_partition(self, param) -> tuple[int, int, int]:
         group = getattr(param, "ds_process_group", None)
         partition = dist.get_rank(group)
         if dist.get_world_size(group) != self.world_size:

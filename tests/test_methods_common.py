@@ -268,6 +268,25 @@ def test_regularizer_gradient_equals_autograd_of_the_norms_over_active_component
     assert regularizer.value() == pytest.approx(reference / (2 * len(layers)), rel=1e-6)
 
 
+def test_edit_local_hands_the_gradient_to_the_write_unless_values_only():
+    """A values-only edit (AdaLoRA's and SoRA's lam edits) gives the write no gradient to compare or store
+    back; an edit that may touch the gradient hands it over."""
+    from scale_rank.methods.base import edit_local
+    from scale_rank.shards import WholeTensorAccess
+
+    class Recording(WholeTensorAccess):
+        def write(self, param, local):
+            written.append(local.grad)
+
+    param = torch.nn.Parameter(torch.ones(4))
+    param.grad = torch.full((4,), 2.0)
+    written: list = []
+    edit_local(Recording(), param, lambda local: local.values.mul_(3.0), values_only=True)
+    edit_local(Recording(), param, lambda local: local.values.mul_(3.0))
+    assert written[0] is None and torch.equal(written[1], param.grad)
+    assert torch.equal(param.detach(), torch.full((4,), 9.0))
+
+
 def test_deferred_regularizer_does_not_hold_back_the_factors_gradients(monkeypatch):
     """With the gradients deferred (one process, DDP), the regularizer's node is not an input of the factors'
     gradient accumulation: a later layer's factors get their gradient (DDP's reducer sees them ready) as the

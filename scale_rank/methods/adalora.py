@@ -84,7 +84,7 @@ class AdaLoRA(Method):
 
             def zero(local, keep=keep):
                 local.values.mul_(keep[local.start:local.end])
-            edit_local(self.access, layer.lora_lam, zero)
+            edit_local(self.access, layer.lora_lam, zero, values_only=True)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "tracker": self.tracker.state_dict()}

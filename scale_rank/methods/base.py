@@ -1,6 +1,8 @@
 """The method protocol: what a rank-allocation method tells the controller and the layers."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..comm import Collective
@@ -171,9 +173,13 @@ class Method:
         self.mask = state["mask"].clone()
 
 
-def edit_local(access: ShardAccess, param: torch.nn.Parameter, edit) -> None:
-    """Apply `edit(local_slice)` to this rank's storage of `param` (in place) and store it back."""
+def edit_local(access: ShardAccess, param: torch.nn.Parameter, edit, values_only: bool = False) -> None:
+    """Apply `edit(local_slice)` to this rank's storage of `param` (in place) and store it back.
+    `values_only`: the edit leaves the gradient alone, so the write does not look at it (under ZeRO a
+    gradient write reads the engine's gradient back and compares)."""
     local = access.storage(param)
+    if values_only:
+        local = dataclasses.replace(local, grad=None)
     with torch.no_grad():
         edit(local)
     access.write(param, local)

@@ -96,7 +96,8 @@ class SoRA(Method):
             soft_threshold([layer.lora_lam for layer in self.layers], xi)
         else:
             for layer in self.layers:
-                edit_local(self.access, layer.lora_lam, lambda local: soft_threshold([local.values], xi))
+                edit_local(self.access, layer.lora_lam, lambda local: soft_threshold([local.values], xi),
+                           values_only=True)
         with torch.no_grad():
             if self.access.whole_tensors:
                 gates = torch.cat([layer.lora_lam for layer in self.layers])
