@@ -1,5 +1,5 @@
-"""One launch of bench/distributed_overhead.py: train one method through scale_rank.train under one engine
-(the same loop users run), with the controller instrumented from outside the library.
+"""One launch of bench/distributed_overhead.py: train one or more methods through scale_rank.train under one
+engine (the same loop users run), with the controller instrumented from outside the library.
 
     torchrun --nproc_per_node 2 bench/distributed_worker.py OUT_DIR WARMUP [--in-turn] section.key=value ... [:: ...]
 
@@ -21,12 +21,13 @@ What it records, per rank and run, into OUT_DIR/rec.rank<R>.json:
   (Collective.all_reduce_sum/broadcast, waiting for the other rank included) and the engine's
   ShardAccess.write (under ZeRO it all-gathers the edited parameter); the loop's loss all-reduce too;
 - controller.comm.bytes_moved and .calls after every step;
-- memory (separate runs only; with --in-turn the process holds every run at once): VmRSS just before and just after RankController.__init__ (the method's state, e.g. the
-  sensitivity EMAs, is allocated in bind() there), also both after malloc_trim(0), and the same pair at
-  the end of the last step; the bytes of every tensor the method keeps (exact);
-  ru_maxrss (peak RSS) once the controller is built (model, engine and controller set-up), after which
-  the peak is restarted (echo 5 > /proc/self/clear_refs), and ru_maxrss again when the last optimizer
-  step ends (the training peak, before evaluation and export); VmRSS after every step;
+- the bytes of every tensor the method keeps (exact);
+- memory (separate runs only; with --in-turn the process holds every run at once): VmRSS just before and
+  just after RankController.__init__ (the method's state, e.g. the sensitivity EMAs, is allocated in bind()
+  there), also both after malloc_trim(0), and the same pair at the end of the last step; ru_maxrss (peak RSS)
+  once the controller is built (model, engine and controller set-up), after which the peak is restarted
+  (echo 5 > /proc/self/clear_refs), and ru_maxrss again when the last optimizer step ends (the training peak,
+  before evaluation and export); VmRSS after every step;
 - sizes: adapter parameters (global), total capacity (components), local scored entries.
 
 With WARMUP <= 0 only the sizes and the controller's traffic matter (the O(total rank) sweep).
