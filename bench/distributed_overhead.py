@@ -156,15 +156,13 @@ def summarise(ranks: list[dict]) -> dict:
         out[key] = r0[key]
     out["bytes_total"], out["steps"] = b[-1], len(b)
     out["bytes_same_on_ranks"] = ranks[1]["bytes"] == b
-    out["state_bytes"] = statistics.mean(r["method_state_bytes"] for r in ranks)
-    out["scored_local"] = statistics.mean(r["scored_local_entries"] for r in ranks)
     return out
 
 
 def summarise_memory(ranks: list[dict]) -> dict:
     """The memory of one run alone in its processes (means of the 2 ranks)."""
     first, last = timed_steps(ranks[0])
-    out = {key: ranks[0][key] for key in ("adapter_params", "scored_local_entries")}
+    out = {"adapter_params": ranks[0]["adapter_params"]}
     out["maxrss_mib"] = statistics.mean(r["maxrss_kib"] for r in ranks) / 1024  # training peak
     out["setup_maxrss_mib"] = statistics.mean(r["maxrss_setup_kib"] for r in ranks) / 1024
     out["peak_reset"] = all(r["peak_reset"] for r in ranks)
