@@ -29,8 +29,12 @@ Measured (2 processes per launch):
    (forward, backward, observe, optimizer step, apply, the loop's logging, telemetry and loss all-reduce), as
    wall time and as the process's CPU time (which leaves out waiting for a core or for the other rank).
    ms/step: median over launches of each launch's median step. vs LoRA: median over launches of (method's
-   median step / LoRA's in the same launch), min-max in brackets. Controller: observe() + apply() per step
-   (rank 0, which also decides), its parts, and its median as a share of the median step.
+   median step / LoRA's in the same launch), min-max in brackets. vs LoRA step by step: median over launches
+   of each launch's median of (method's step s / LoRA's step s), two steps that ran next to each other; a
+   second estimate, not a more precise one: run against itself (5 launches of LoRA, AdaLoRA, LoRA, AdaLoRA
+   in turn under DDP), LoRA/LoRA gave 0.97-1.07 this way and 0.97-1.07 as a ratio of medians, AdaLoRA/AdaLoRA
+   0.94-1.14 and 0.92-1.14, so one launch resolves about +-7 % either way. Controller: observe() + apply()
+   per step (rank 0, which also decides), its parts, and its median as a share of the median step.
 2. Traffic: controller.comm.bytes_moved and .calls per optimizer step (timed steps), against adapter
    parameters and total capacity; plus a sweep (one launch of DDP runs with --sweep-steps steps) over
    hidden size and capacity showing the bytes follow total rank, not adapter parameters.
@@ -113,6 +117,14 @@ def step_times(rec: dict, clock: str = "") -> list[float]:
     starts with the set-up)."""
     starts, ends = rec["step_start" + clock], rec["step_end" + clock]
     return [ends[s - 1] - starts[s - 1] for s in range(max(2, rec["warmup"] + 1), len(ends) + 1)]
+
+
+def paired_ratio(rec: dict, base: dict, clock: str = "") -> float:
+    """Median over the timed steps of (this run's step s / the baseline's step s), both from one in-turn
+    launch: the two steps ran next to each other, so a slower stretch of the shared machine slows both and
+    drops out of their ratio; in the ratio of the two runs' medians it stays whenever it covers more of one
+    run's timed steps than of the other's."""
+    return statistics.median(m / b for m, b in zip(step_times(rec, clock), step_times(base, clock)))
 
 
 def per_step(entries: list, first: int, last: int) -> list[float]:
@@ -205,10 +217,17 @@ def timing(args, work: Path, model_dir: Path) -> dict:
                 items += (["::"] if items else []) + run_items(model_dir, work / tag / method, engine, method,
                                                                args.steps, args)
             runs = launch(work, tag, args.warmup, items, args.timeout, in_turn=True)
+            base = runs[0][0]  # LoRA's rank 0 (--methods starts with lora)
             for method, ranks in zip(args.methods, runs):
-                results[engine][method].append(summarise(ranks))
+                summary = summarise(ranks)
+                if method != "lora":
+                    summary["paired_vs_lora"] = paired_ratio(ranks[0], base)
+                    summary["paired_cpu_vs_lora"] = paired_ratio(ranks[0], base, "_cpu")
+                results[engine][method].append(summary)
             print(f"[{tag}] {time.time() - start:.0f} s launch, ms/step " + ", ".join(
-                f"{m} {results[engine][m][-1]['step_ms']:.0f}" for m in args.methods), flush=True)
+                f"{m} {results[engine][m][-1]['step_ms']:.0f}" for m in args.methods) + "; step by step vs LoRA "
+                + ", ".join(f"{m} {results[engine][m][-1]['paired_vs_lora']:.3f}" for m in args.methods[1:]),
+                flush=True)
     return results
 
 
@@ -263,22 +282,25 @@ def render(args, results: dict | None, mem: dict | None, rows: list[dict] | None
     if results:
         out += ["**Step time** (rank 0; controller = observe + apply per step, its median as % of the "
                 "median step; parts are medians per step, so they need not add up)", "",
-                "| engine | method | wall ms/step (median) | wall vs LoRA [min-max] | fastest launch ms/step, vs "
-                "LoRA's | CPU ms/step (median) | CPU vs LoRA [min-max] | controller wall ms (rank 0 / rank 1) | "
-                "% of wall step | controller CPU ms | % of CPU step | loss all-reduce ms (the loop's, a "
-                "reference gloo latency) |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| engine | method | wall ms/step (median) | wall vs LoRA [min-max] | wall vs LoRA step by step "
+                "[min-max] (CPU) | fastest launch ms/step, vs LoRA's | CPU ms/step (median) | CPU vs LoRA [min-max] | "
+                "controller wall ms (rank 0 / rank 1) | % of wall step | controller CPU ms | % of CPU step | loss "
+                "all-reduce ms (the loop's, a reference gloo latency) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for engine, per_method in results.items():
             base = per_method.get("lora")
             for method, runs in per_method.items():
                 if not runs:
                     continue
-                ratio = "1"
+                ratio = paired = "1"
                 best = min(r["step_ms"] for r in runs)
                 best_cell = f"{best:.0f}"
                 if base and method != "lora":
                     ratios = [m["step_ms"] / b["step_ms"] for m, b in zip(runs, base)]
                     ratio = f"{median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+                    pairs = [r["paired_vs_lora"] for r in runs]
+                    paired = (f"{median(pairs):.3f} [{min(pairs):.2f}-{max(pairs):.2f}] "
+                              f"({median([r['paired_cpu_vs_lora'] for r in runs]):.3f})")
                     best_cell += f", {best / min(b['step_ms'] for b in base):.3f}"
                 step = median([r["step_ms"] for r in runs])
                 ctrl = median([r["controller_ms"] for r in runs])
@@ -291,7 +313,8 @@ def render(args, results: dict | None, mem: dict | None, rows: list[dict] | None
                 cpu_ctrl = (f"{fmt(median([r['controller_cpu_ms'] for r in runs]), 2)} | "
                             f"{fmt(median([r['controller_cpu_ms'] / r['step_cpu_ms'] * 100 for r in runs]), 2)}")
                 out.append(
-                    f"| {LABELS[engine]} | {LABELS[method]} | {fmt(step, 0)} | {ratio} | {best_cell} | {cpu_cells} | "
+                    f"| {LABELS[engine]} | {LABELS[method]} | {fmt(step, 0)} | {ratio} | {paired} | {best_cell} | "
+                    f"{cpu_cells} | "
                     f"{fmt(ctrl, 2)} / {fmt(median([r['controller_ms_rank1'] for r in runs]), 2)} | {fmt(share, 2)} | "
                     f"{cpu_ctrl} | "
                     f"{fmt(median([r['loss_allreduce_ms'] for r in runs]), 2)} |")
