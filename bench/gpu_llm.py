@@ -85,7 +85,8 @@ def batches(path: Path, seq_len: int, batch: int, steps: int) -> list[dict[str, 
 class Trainer:
     """One configuration: the model, its optimizer and (scale_rank) controller."""
 
-    def __init__(self, name: str, base, steps: int, lr: float):
+    def __init__(self, name: str, base, steps: int, lr: float, overrides: dict | None = None):
+        """`overrides`: method settings that replace `method_settings`' (ablations, bench/gpu_step_profile.py)."""
         self.name = name
         self.controller = None
         if name == "peft_lora":
@@ -94,7 +95,8 @@ class Trainer:
             params = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         else:
             import scale_rank as sr
-            method = sr.adapt(base, method_config(name, **method_settings(name, steps)), steps, TARGETS, [])
+            settings = {**method_settings(name, steps), **(overrides or {})}
+            method = sr.adapt(base, method_config(name, **settings), steps, TARGETS, [])
             self.model = base
             self.controller = sr.RankController(base, method)
             params = method.optimizer_groups(self.controller.layers, lr, 0.0)
