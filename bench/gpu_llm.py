@@ -1,9 +1,9 @@
 """GPU check: every method on a ~1.1B Llama with a CUDA bitsandbytes 4-bit base, against PEFT LoRA in the same
-run: tokens/s and peak memory. Prepared to finish in under 8 minutes on one GPU:
+run: tokens/s and peak memory (one H200, 4 Dec 2026: 3.7 min for --steps 100, numbers in bench/README.md):
 
     pip install torch==<your CUDA build> && pip install -e ".[dev]"
-    python bench/gpu_llm.py --json gpu_llm.json                 # 150 steps each, batch 8 x 512 tokens
-    python bench/gpu_llm.py --device cpu --tiny --steps 3       # the same code path on a tiny model (CI-size)
+    python bench/gpu_llm.py --json gpu_llm.json                 # 150 steps each, batch 8 x 512 tokens (~5 min)
+    python bench/gpu_llm.py --device cpu --tiny --seq-len 64 --batch 1 --steps 3   # the same code path on CPU
 
 Setup: TinyLlama-1.1B's shape (bench/llm_1b_zero3.py), random init saved once in bf16 and loaded per
 configuration with nf4 quantization (compute dtype bf16); adapters on all seven projections of every layer at
