@@ -118,21 +118,37 @@ class Trainer:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
+def on_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def release(device: str) -> None:
+    """Free what a finished configuration left, so the next one starts from the same memory."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_one(name: str, path: Path, data: list[dict], args) -> dict:
     device = args.device
     base = load_base(path, device)
     trainer = Trainer(name, base, len(data), args.lr)
     trainer.model.train()
+    synchronize(device)
     if device == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i, batch in enumerate(data):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = on_device(batch, device)
         start = time.perf_counter()
         losses.append(trainer.step(batch))
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     tokens = int(data[0]["attention_mask"].sum())
@@ -142,9 +158,7 @@ def run_one(name: str, path: Path, data: list[dict], args) -> dict:
               "trainable": trainer.adapter_parameters(),
               "final_rank": int(trainer.controller.method.ranks().sum()) if trainer.controller else None}
     del trainer, base
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return result
 
 

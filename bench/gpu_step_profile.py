@@ -21,7 +21,6 @@ the host: each kernel a method adds per adapted module then costs its launch, no
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -34,7 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_llm import METHODS, Trainer, batches, load_base, save_base  # noqa: E402
+from bench.gpu_llm import (METHODS, Trainer, batches, load_base, on_device, release, save_base,  # noqa: E402
+                           synchronize)
 
 SCHEDULE_STEPS = 100  # the methods' schedules are those of a 100-step run (bench/gpu_llm.py's method_settings)
 ABLATIONS = {"lora_r12": ("lora", {"r": 12}),
@@ -51,15 +51,6 @@ def configuration(label: str) -> tuple[str, dict]:
         raise SystemExit(f"unknown configuration {label!r}: use peft_lora, {', '.join(METHODS)} or "
                          f"{', '.join(ABLATIONS)}")
     return label, {}
-
-
-def on_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed_steps(trainer: Trainer, data: list[dict], device: str) -> tuple[list[float], list[float]]:
@@ -117,9 +108,7 @@ def run_one(label: str, path: Path, data: list[dict], args) -> dict:
     result = {"configuration": label, "wall_ms": statistics.median(wall) * 1e3,
               "host_cpu_ms": statistics.median(cpu) * 1e3, **profiled(trainer, rest, args.device)}
     del trainer, base
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
+    release(args.device)
     return result
 
 
