@@ -250,8 +250,9 @@ class InputSquareSums(LayerHooks):
             if layer.merged or not torch.is_grad_enabled() or in_backward():
                 return
             x = args[0]
-            with torch.no_grad():
-                self.sums[index].add_(x.float().pow(2).sum(tuple(range(x.dim() - 1))))
+            with torch.no_grad():  # sqrt(sum x^2) reduced in float32 straight from x (no float32 copy), squared
+                norms = torch.linalg.vector_norm(x, 2, dim=tuple(range(x.dim() - 1)), dtype=torch.float32)
+                self.sums[index].addcmul_(norms, norms)
         return hook
 
     def take(self) -> torch.Tensor:

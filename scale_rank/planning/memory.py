@@ -19,11 +19,11 @@ bytes, a adapter bytes):
                     SDPA's output, already counted). Different dtypes: one copy per adapted layer (d_in a).
                     Frozen base layers save nothing (no weight gradient), except bitsandbytes 8-bit layers,
                     which keep their input.
-  adapter ranks     r a per adapted layer (lora_B's input), twice where lam trains (lam's gradient input)
+  adapter ranks     r a per adapted layer (lora_B's input)
 The first block's input norm saves nothing (frozen embeddings need no gradient). Outside the blocks: the final
 norm (4h + 4) and int64 targets (8) per token, and the rotary cos / sin tables (2 s head_dim p). Per adapted
-layer, independent of tokens: its gain scale * lam (r a, where lam trains) and the orthogonality regularizer's tensors
-(block_bytes). Full checkpointing (Korthikanti: 2sbh per layer plus one layer rebuilt in
+layer, independent of tokens: where lam trains, its gain scale * lam (r a) and B with the gain folded in (d_out r a,
+what the second product saves for its input's gradient) and the orthogonality regularizer's tensors (block_bytes). Full checkpointing (Korthikanti: 2sbh per layer plus one layer rebuilt in
 backward) keeps each block's input, h p per token.
 The loss: transformers upcasts the logits to float32 and log_softmax saves its float32 output (4 bytes per
 token and vocabulary entry, the `logits` line). Backward adds most at one of three moments (the largest is
@@ -245,10 +245,9 @@ def layer_terms(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs, 
         for lin in geometry.linears:
             if lin.in_block and lin.layer_index == layer:
                 saved_inputs[(lin.group, p)] = lin.d_in * p
-    rank_inputs = 2 if plan.lam_trains else 1
     return {"norms": 2 * (4 * h + 4), "attention": (2 * q + 2 * kv) * p + 4 * spec.heads, "mlp": 3 * f * p,
             "adapter inputs": sum(saved_inputs.values()),
-            "adapter ranks": sum(site.rank * a * rank_inputs for site in sites)}
+            "adapter ranks": sum(site.rank * a for site in sites)}
 
 
 def activations(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs) -> Activations:
@@ -268,12 +267,14 @@ def activations(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs) 
 
 
 def block_bytes(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs, layer: int) -> int:
-    """What block `layer` saves for one micro-batch: per-token terms plus, per adapted layer, its gain
-    scale * lam (* active) (r a) where lam trains (`AdaptiveLoRALayer.gain`; plain LoRA's gain is the scale
-    buffer itself) and, with the orthogonality regularizer (gamma > 0), its two r x r float32 residuals (A and B
-    themselves are parameters)."""
+    """What block `layer` saves for one micro-batch: per-token terms plus, per adapted layer where lam trains,
+    its gain scale * lam (* active) (r a; `AdaptiveLoRALayer.gain`) and B times the gain (d_out r a; plain LoRA
+    scales the product by the scale buffer itself) and, with the orthogonality regularizer (gamma > 0), its two
+    r x r float32 residuals (A and B themselves are parameters)."""
     sites = [site for site in plan.sites if site.linear.layer_index == layer and site.linear.in_block]
-    fixed = sum(site.rank for site in sites) * inputs.adapter_bytes if plan.lam_trains else 0
+    fixed = 0
+    if plan.lam_trains:
+        fixed += sum(site.rank * (1 + site.linear.d_out) for site in sites) * inputs.adapter_bytes
     if plan.method.resolved_gamma() > 0:
         fixed += sum(8 * site.rank ** 2 for site in sites)
     return sum(layer_terms(geometry, plan, inputs, layer).values()) * inputs.tokens + fixed
