@@ -1,6 +1,8 @@
-"""bench/gpu_llm.py and bench/gpu_step_profile.py on CPU with a tiny Llama: the code paths a GPU run takes."""
+"""bench/gpu_llm.py and bench/gpu_step_profile.py on CPU with a tiny Llama: the code paths a GPU run takes; and
+bench/host_overhead.py, their CPU stand-in."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -48,3 +50,16 @@ def test_gpu_step_profile_rejects_unknown_configurations():
     with pytest.raises(subprocess.CalledProcessError) as error:
         run_bench("gpu_step_profile.py", "--configurations", "lora,dora")
     assert "unknown configuration 'dora'" in error.value.stderr
+
+
+def test_host_overhead_times_every_phase_of_each_method():
+    spec = importlib.util.spec_from_file_location("host_overhead", REPO / "bench" / "host_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.measure(["lora", "adalora"], layers=1, rounds=1, steps=2, warmup=1)
+    assert set(results) == {"lora", "adalora"}
+    for phases in results.values():
+        assert set(phases) == set(bench.PHASES)
+        assert phases["forward"] > 0 and phases["backward"] > 0 and all(v >= 0 for v in phases.values())
+    text = bench.table(results, bench.PROJECTIONS)
+    assert "| lora |" in text and "| adalora |" in text
