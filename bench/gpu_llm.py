@@ -82,6 +82,9 @@ def batches(path: Path, seq_len: int, batch: int, steps: int) -> list[dict[str, 
     return [{k: v[[(s * batch + i) % n for i in range(batch)]] for k, v in rows.items()} for s in range(steps)]
 
 
+PHASES = ("forward", "backward", "observe", "optimizer", "apply", "zero_grad")  # of Trainer.step
+
+
 class Trainer:
     """One configuration: the model, its optimizer and (scale_rank) controller."""
 
@@ -102,16 +105,25 @@ class Trainer:
             params = method.optimizer_groups(self.controller.layers, lr, 0.0)
         self.optimizer = torch.optim.AdamW(params, lr=lr)
 
-    def step(self, batch: dict[str, torch.Tensor]) -> float:
+    def step(self, batch: dict[str, torch.Tensor], mark=None) -> float:
+        """One optimizer step; `mark(phase)`, if given, is called as each of PHASES ends (bench/host_overhead.py's
+        clock)."""
+        mark = mark or (lambda phase: None)
         with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16):
             loss = self.model(**batch).loss
+        mark("forward")
         loss.backward()
+        mark("backward")
         if self.controller is not None:
             self.controller.observe()
+        mark("observe")
         self.optimizer.step()
+        mark("optimizer")
         if self.controller is not None:
             self.controller.apply()
+        mark("apply")
         self.optimizer.zero_grad(set_to_none=True)
+        mark("zero_grad")
         return float(loss)
 
     def adapter_parameters(self) -> int:

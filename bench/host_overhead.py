@@ -29,9 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_llm import METHODS, Trainer  # noqa: E402
+from bench.gpu_llm import METHODS, PHASES, Trainer  # noqa: E402
 
-PHASES = ("forward", "backward", "observe", "optimizer", "apply", "zero_grad")
 PROJECTIONS = 7  # adapted modules per layer
 
 
@@ -53,24 +52,13 @@ def make_trainer(name: str, layers: int) -> Trainer:
 
 def timed_step(trainer: Trainer, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """Main-thread CPU seconds of each phase of one optimizer step."""
-    controller, clock = trainer.controller, time.thread_time
-    marks = [clock()]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = trainer.model(**batch).loss
-    marks.append(clock())
-    loss.backward()
-    marks.append(clock())
-    if controller is not None:
-        controller.observe()
-    marks.append(clock())
-    trainer.optimizer.step()
-    marks.append(clock())
-    if controller is not None:
-        controller.apply()
-    marks.append(clock())
-    trainer.optimizer.zero_grad(set_to_none=True)
-    marks.append(clock())
-    return {phase: end - start for phase, start, end in zip(PHASES, marks, marks[1:])}
+    times, last = {}, [time.thread_time()]
+
+    def mark(phase: str) -> None:
+        now = time.thread_time()
+        times[phase], last[0] = now - last[0], now
+    trainer.step(batch, mark)
+    return times
 
 
 def measure(names: list[str], layers: int, rounds: int, steps: int, warmup: int) -> dict[str, dict[str, float]]:
@@ -99,9 +87,9 @@ def table(results: dict[str, dict[str, float]], modules: int) -> str:
     lora = results.get("lora")
     lines = ["| method | " + " | ".join(f"{p} ms" for p in PHASES) + " | forward + backward ms | vs PEFT LoRA | "
              "forward + backward over LoRA, us per module |", "|---|" + "---:|" * (len(PHASES) + 3)]
+    base = baseline["forward"] + baseline["backward"]
     for name, phases in results.items():
         both = phases["forward"] + phases["backward"]
-        base = baseline["forward"] + baseline["backward"]
         over = "-" if lora is None or name == "lora" else \
             f"{(both - lora['forward'] - lora['backward']) * 1e3 / modules:+.0f}"
         lines.append(f"| {name} | " + " | ".join(f"{phases[p]:.2f}" for p in PHASES) +

@@ -101,8 +101,11 @@ def batch() -> dict:
             "labels": torch.randint(0, 2, (BATCH,), generator=gen)}
 
 
-def forward_context(autocast: torch.dtype | None):
-    return torch.autocast("cpu", dtype=autocast) if autocast is not None else nullcontext()
+def loss_backward(model, data: dict[str, torch.Tensor], autocast: torch.dtype | None) -> None:
+    """Forward (under CPU autocast to `autocast`, if given) and backward of one batch."""
+    with torch.autocast("cpu", dtype=autocast) if autocast is not None else nullcontext():
+        loss = model(**data).loss
+    loss.backward()
 
 
 def count_scale_rank(name: str, layers: int, warmup: int, steps: int, autocast: torch.dtype | None = None) -> Count:
@@ -121,9 +124,7 @@ def count_scale_rank(name: str, layers: int, warmup: int, steps: int, autocast: 
         counting = step > warmup
         controller_ops = OpCounter()  # observe and apply only (nested: the step's counter sees them too)
         with counter if counting else nullcontext():
-            with forward_context(autocast):
-                loss = model(**data).loss
-            loss.backward()
+            loss_backward(model, data, autocast)
             deciding = method.decides_at(step)
             with controller_ops:
                 controller.observe()
@@ -152,9 +153,7 @@ def count_peft(name: str, layers: int, warmup: int, steps: int, autocast: torch.
     counter = OpCounter()
     for step in range(1, warmup + steps + 1):
         with counter if step > warmup else nullcontext():
-            with forward_context(autocast):
-                loss = model(**data).loss
-            loss.backward()
+            loss_backward(model, data, autocast)
             optimizer.step()
             if name == "peft_adalora":
                 model.base_model.update_and_allocate(step)

@@ -23,8 +23,9 @@ bytes, a adapter bytes):
 The first block's input norm saves nothing (frozen embeddings need no gradient). Outside the blocks: the final
 norm (4h + 4) and int64 targets (8) per token, and the rotary cos / sin tables (2 s head_dim p). Per adapted
 layer, independent of tokens: where lam trains, its gain scale * lam (r a) and B with the gain folded in (d_out r a,
-what the second product saves for its input's gradient) and the orthogonality regularizer's tensors (block_bytes). Full checkpointing (Korthikanti: 2sbh per layer plus one layer rebuilt in
-backward) keeps each block's input, h p per token.
+what the second product saves for its input's gradient) and the orthogonality regularizer's tensors (block_bytes).
+Full checkpointing (Korthikanti: 2sbh per layer plus one layer rebuilt in backward) keeps each block's input,
+h p per token.
 The loss: transformers upcasts the logits to float32 and log_softmax saves its float32 output (4 bytes per
 token and vocabulary entry, the `logits` line). Backward adds most at one of three moments (the largest is
 taken): log_softmax's backward, which holds the incoming and the outgoing float32 gradient (8 V per token);
