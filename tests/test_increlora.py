@@ -157,6 +157,18 @@ def test_reserves_train_with_lam_frozen():
         assert run.layers[k].lora_lam.detach()[1] != RESERVE_LAM
 
 
+def test_reserve_masks_reach_the_device_once_per_change(monkeypatch):
+    """The reserve mask and its complement go to the adapters' device when the reserve changes (at a growth
+    event), not in every step: on a GPU each host-to-device copy of ordinary memory waits for the queued work."""
+    run = Run("increlora", total_steps=16, r_start=1, r_target=2, r_max=4, incre_rank=1, top_h=6, t_init=4,
+              incre_interval=4)
+    copies = []
+    per_module = run.method._per_module
+    monkeypatch.setattr(run.method, "_per_module", lambda values: copies.append(run.step + 1) or per_module(values))
+    run.train(fixed_batches(), 11)  # a growth event at step 8
+    assert copies == [1, 1, 8, 8]  # both masks in step 1, then again once step 8's growth changed the reserve
+
+
 def test_reserves_leave_the_model_when_growth_ends(tmp_path):
     """As in the official code, reserves are gone as soon as the target is reached (not only at step T), so
     an export after growth holds exactly the allocated ranks."""

@@ -14,6 +14,23 @@ from ..shards import ShardAccess
 from .hooks import LayerHooks, OrthogonalityRegularizer
 
 
+class DerivedFrom:
+    """A value computed from a tensor and kept until that tensor is replaced or edited in place (every in-place
+    edit bumps its version counter). It holds the tensor itself, so a new tensor cannot pass for the old one."""
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.source: torch.Tensor | None = None
+        self.version = -1
+        self.value = None
+
+    def of(self, tensor: torch.Tensor):
+        if tensor is not self.source or tensor._version != self.version:
+            self.value = self.compute(tensor)
+            self.source, self.version = tensor, tensor._version
+        return self.value
+
+
 class Method:
     """Base class and contract of a rank-allocation method (docs/design.md, "The method contract").
 
@@ -50,7 +67,7 @@ class Method:
         # step); the controller sets it before before_step(), so scores see the gradients the optimizer uses
         self.grad_factor: torch.Tensor | float = 1.0
         self.hooks: list[LayerHooks] = []  # installed on the bound layers
-        self._ranks_of: tuple[torch.Tensor, int] | None = None  # the mask (and its version) `ranks` was computed from
+        self._ranks = DerivedFrom(lambda mask: self.layout.per_module_sum(mask).long())
         self.regularizer: OrthogonalityRegularizer | None = None
 
     # -- attach time ---------------------------------------------------------------------------------
@@ -160,11 +177,7 @@ class Method:
     def ranks(self) -> torch.Tensor:
         """Current rank of every module (from the global mask; read-only). Recomputed only when the mask is
         replaced or edited in place (its version counter), so a step that changes no rank computes nothing."""
-        key = (self.mask, self.mask._version)
-        if self._ranks_of is None or self._ranks_of[0] is not key[0] or self._ranks_of[1] != key[1]:
-            self._ranks = self.layout.per_module_sum(self.mask).long()
-            self._ranks_of = key  # holds the mask itself: a new mask cannot pass for this one
-        return self._ranks
+        return self._ranks.of(self.mask)
 
     def state_dict(self) -> dict:
         return {"mask": self.mask.clone()}

@@ -19,7 +19,7 @@ from ..config import ConfigError, IncreLoRAConfig
 from ..importance import SensitivityTracker, adapter_params
 from ..layer import AdaptiveLoRALayer
 from ..schedules import even_interval, restarted_warmup
-from .base import Method, edit_local
+from .base import DerivedFrom, Method, edit_local
 from .hooks import DenseGradient
 
 
@@ -70,6 +70,9 @@ class IncreLoRA(Method):
         self.mask = (layout.position < self.r_start).float()
         self.reserve = ((layout.position >= self.r_start)
                         & (layout.position < self.r_start + self.incre_rank)).float()
+        # the reserve mask and its complement per module on the adapters' device, copied again only when the
+        # reserve changes: a host-to-device copy in every step would wait for the GPU each time
+        self._reserve_parts = DerivedFrom(lambda reserve: (self._per_module(reserve), self._per_module(1 - reserve)))
         # restarted warmups (0: none): lam from its activation, A and B from becoming a reserve at a growth event
         self.warm_since = {"lam": torch.zeros(layout.n_components, dtype=torch.long),
                            "factors": torch.zeros(layout.n_components, dtype=torch.long)}
@@ -124,7 +127,7 @@ class IncreLoRA(Method):
     def _freeze_reserve_lam_grads(self) -> None:
         """Reserve lam gets no gradient, so its optimizer moments are still zero when it is activated."""
         if self.access.stores_whole:  # the gradients themselves, one foreach product for all reserve modules
-            keeps = self._per_module(1 - self.reserve)
+            _, keeps = self._reserve_parts.of(self.reserve)
             pairs = [(self.layers[k].lora_lam.grad, keeps[k]) for k in self.reserve_modules
                      if self.layers[k].lora_lam.grad is not None]
             if pairs:
@@ -242,7 +245,7 @@ class IncreLoRA(Method):
         """Reserve lam stays frozen at reserve_lam (their A and B train)."""
         value = self.config.reserve_lam
         if self.access.stores_whole and self.reserve_modules:  # lam (1 - reserve) + reserve value, foreach
-            parts = self._per_module(self.reserve)
+            parts, _ = self._reserve_parts.of(self.reserve)
             lams = [self.layers[k].lora_lam for k in self.reserve_modules]
             parts = [parts[k] for k in self.reserve_modules]
             with torch.no_grad():
@@ -294,15 +297,17 @@ class IncreLoRA(Method):
         """Scale this step's update of warming components: new = old + factor * (new - old)."""
         if self._snapshot is None:
             return
-        factors = self._snapshot["factors"]
-        for (k, kind), (old, start, end) in self._snapshot["saved"].items():
+        factors, saved = self._snapshot["factors"], self._snapshot["saved"]
+        per_element = []
+        for (k, kind), (_, start, end) in saved.items():
             layer = self.layers[k]
             ids = self.layout.component_index(kind, k, start, end, layer.r_max, layer.d_in)
-            factor = factors[WARM_GROUP[kind]][ids].to(old.device, old.dtype)
-
-            def blend(local, old=old, factor=factor):
+            per_element.append(factors[WARM_GROUP[kind]][ids])
+        device = next(iter(saved.values()))[0].device
+        for ((k, kind), (old, _, _)), factor in zip(saved.items(), copy_to_device(per_element, device)):
+            def blend(local, old=old, factor=factor.to(old.dtype)):
                 local.values.copy_(old + factor * (local.values - old))
-            edit_local(self.access, adapter_params(layer)[kind], blend)
+            edit_local(self.access, adapter_params(self.layers[k])[kind], blend)
         self._snapshot = None
 
     # -- state -----------------------------------------------------------------------------------
@@ -329,3 +334,11 @@ class IncreLoRA(Method):
         else:
             self.dense_ema.copy_(state["dense_ema"])
         self._mirror_host_state()
+
+
+def copy_to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors moved to `device` in one copy; to a GPU from pinned memory, so the host does not wait for
+    the GPU's queued work (a copy from ordinary host memory would)."""
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    moved = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    return [part.view(tensor.shape) for part, tensor in zip(moved.split([t.numel() for t in tensors]), tensors)]
