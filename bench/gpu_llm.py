@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -134,6 +136,13 @@ def on_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Te
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def describe_device(device: str) -> str:
+    """The accelerator and the host it runs under: the host's kernel release tells a gVisor sandbox (which reports
+    4.4.0 and makes every kernel launch a slower system call) from a VM, and a host-bound step's speed depends on it."""
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    return f"{name}, host kernel {platform.release()}, {os.cpu_count()} CPUs"
+
+
 def synchronize(device: str) -> None:
     """Wait for the device's queued work (a no-op on CPU)."""
     if device == "cuda":
@@ -192,7 +201,7 @@ def main() -> int:
         data = batches(path, args.seq_len, args.batch, args.steps)
         results = [run_one(name, path, data, args) for name in args.methods.split(",")]
     baseline = next((r for r in results if r["method"] == "peft_lora"), results[0])
-    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    device = describe_device(args.device)
     print(f"\n{device}; {'tiny' if args.tiny else '1.1B'} Llama, nf4 base, batch {args.batch} x {args.seq_len} "
           f"tokens, {args.steps} steps ({args.warmup} untimed)")
     print("method     | tokens/s | vs PEFT LoRA | peak GiB | vs PEFT LoRA | trainable | final rank | loss first->last")

@@ -33,8 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_llm import (METHODS, Trainer, batches, load_base, on_device, release, save_base,  # noqa: E402
-                           synchronize)
+from bench.gpu_llm import (METHODS, Trainer, batches, describe_device, load_base, on_device,  # noqa: E402
+                           release, save_base, synchronize)
 
 SCHEDULE_STEPS = 100  # the methods' schedules are those of a 100-step run (bench/gpu_llm.py's method_settings)
 ABLATIONS = {"lora_r12": ("lora", {"r": 12}),
@@ -148,7 +148,7 @@ def main() -> int:
         for label in labels:
             results.append(run_one(label, path, data, args))
             print(f"{label}: {results[-1]['wall_ms']:.1f} ms/step", flush=True)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    device = describe_device(args.device)
     print(f"\n{device}; {'tiny' if args.tiny else '1.1B'} Llama, nf4 base, batch {args.batch} x {args.seq_len} tokens; "
           f"{args.steps} timed steps, {args.profile_steps} profiled, after {args.warmup}\n")
     print(render(results))

@@ -1,11 +1,13 @@
 """The fixed-capacity adapter layer.
 
-h = W0 x + (B diag(scale * lam * active)) A dropout(x)
+h = W0 x + scale (B diag(lam)) A dropout(x)
 
 A (r_max x d_in), B (d_out x r_max) and lam (r_max) are parameters whose shapes never change; `active` is
 a 0/1 buffer that switches whole components in or out of the forward pass. Methods change ranks only by
 editing `active` and the values of lam / A, so every engine and optimizer sees one static parameter set.
-Plain LoRA math (LoRA, PRILoRA: lam and active fixed at 1, `gated` False) leaves the gate out of the forward.
+Plain LoRA math (LoRA, PRILoRA: lam and active fixed at 1, `gated` False) leaves lam out of the forward, and a
+method that keeps lam (and its gradient) at 0 wherever `active` is 0 (`lam_zero_where_off`: IncreLoRA) lets
+the forward skip `active`.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import math
 
 import torch
 from torch import nn
+
+from .versioned import DerivedFrom
 
 
 def base_dims(base: nn.Module) -> tuple[int, int]:
@@ -68,10 +72,11 @@ class AdaptiveLoRALayer(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gated = True  # False: lam and active stay at 1 and the forward skips them (plain LoRA's math)
+        self.lam_zero_where_off = False  # True: the method keeps lam and its gradient 0 where `active` is 0
         self.method = ""
         self.merged = False
-        self._kept_key: tuple | None = None  # cache of kept_components()
-        self._kept: torch.Tensor | None = None
+        self._kept = DerivedFrom(lambda on: None if bool(on.bool().all()) else on.bool().nonzero().flatten())
+        self._scale_value = DerivedFrom(float)
 
     # -- initialisation helpers used by the methods --------------------------------------------------
     def init_gaussian(self, std: float = 0.02) -> None:
@@ -111,38 +116,33 @@ class AdaptiveLoRALayer(nn.Module):
         x_in = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself,
             x_in = x_in.to(A.dtype)  # and no float32 copy of the activation is made and saved
-        if self.gated:  # the gain folded into B: no operation on the (tokens x r) product
-            delta = (x_in @ A.t()) @ (B * self.gain(B.dtype)).t()
-        else:
-            delta = ((x_in @ A.t()) * self.scale.to(A.dtype)) @ B.t()
-        return out + delta.to(out.dtype)
+        if self.gated:  # the gate folded into B (d_out x r_max): no operation on the (tokens x r_max) product
+            B = B * self.gate_factor()
+        delta = (x_in @ A.t()) @ B.t()
+        return torch.add(out, delta.to(out.dtype), alpha=self.scale_value())
 
-    def gain(self, dtype: torch.dtype) -> torch.Tensor:
-        """What multiplies the r_max components between A and B of a gated layer: scale * lam, times `active`
-        while some component is off (AdaLoRA and SoRA zero lam instead).
+    # Why this form: on a GPU a step of a large frozen base is bound by the host issuing kernels, and the
+    # operations a method adds per module are what it costs (bench/op_count.py, bench/gpu_step_profile.py).
+    # lam on B rather than on the product: under bf16 autocast the product stays in 16 bits (no float32 copy to
+    # cast back before B, no gradient to cast back either); the scale as the addition's alpha: no kernel of its
+    # own in the forward.
 
-        The forward folds it into B (d_out x r_max) instead of multiplying the (tokens x r_max) product A x: the
-        same function, rounded differently in the last bits. Under autocast the product then stays in 16 bits (no
-        float32 copy to cast back before B, and no gradient to cast back either), which saves 3 operations per
-        module and step (bench/op_count.py --autocast bf16: 7 -> 4 more than plain LoRA). On a GPU, where a step
-        of a large frozen base is bound by the host issuing kernels, those operations are what a method costs."""
-        lam = self.lora_lam if self.kept_components() is None else self.lora_lam * self.active.to(dtype)
-        return lam * self.scale.to(dtype)
+    def gate_factor(self) -> torch.Tensor:
+        """What multiplies B's columns in a gated layer's forward: lam, times `active` while some component is
+        off, unless the method keeps lam at 0 there itself (`lam_zero_where_off`; AdaLoRA and SoRA zero lam
+        instead of switching components off)."""
+        lam = self.lora_lam
+        return lam if self.lam_zero_where_off or self.kept_components() is None else lam * self.active.to(lam.dtype)
+
+    def scale_value(self) -> float:
+        """The `scale` buffer as a Python number, read back only when the buffer changes (a host sync on a GPU):
+        the forward applies it as the output addition's `alpha`, with no kernel of its own."""
+        return self._scale_value.of(self.scale)
 
     def kept_components(self) -> torch.Tensor | None:
-        """Indices of the active components (None: all of them), recomputed only when `active` changes.
-
-        Every in-place edit of `active` bumps its version counter, so the cached answer cannot go stale, and
-        the forward and the regularizer (once per micro-batch) need no boolean-mask indexing (a host sync on
-        GPU): only a change of `active` reads it back.
-        """
-        active = self.active
-        key = (active.data_ptr(), active.device, active._version)
-        if self._kept_key != key:
-            keep = active.bool()
-            self._kept = None if bool(keep.all()) else keep.nonzero().flatten()
-            self._kept_key = key
-        return self._kept
+        """Indices of the active components (None: all of them), recomputed only when `active` changes, so the
+        regularizer (once per micro-batch) needs no boolean-mask indexing (a host sync on a GPU)."""
+        return self._kept.of(self.active)
 
     # -- dense views ---------------------------------------------------------------------------------
     def gate(self) -> torch.Tensor:
@@ -150,8 +150,8 @@ class AdaptiveLoRALayer(nn.Module):
         return self.lora_lam.detach() * self.active
 
     def multiplier(self) -> torch.Tensor:
-        """scale * lam * active (r_max), detached, float32: the no-grad counterpart of `gain()`, what merging
-        and export fold into the factors."""
+        """scale * lam * active (r_max), detached, float32: what the forward applies between A and B (the gate on
+        B, the scale on the output), as merging and export fold it into the factors."""
         return self.gate().float() * self.scale.float()
 
     def delta_weight(self) -> torch.Tensor:

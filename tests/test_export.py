@@ -109,6 +109,9 @@ def zero_some(model) -> dict[str, int]:
             layers[1].lora_lam.zero_()  # rank 0 through the gate
             layers[2].active[0] = 0  # one component fewer
             layers[3].lora_lam[1] = 0
+            for layer in layers[:3]:
+                if layer.lam_zero_where_off:  # such a method (IncreLoRA) keeps lam at 0 where it is off
+                    layer.lora_lam.mul_(layer.active)
     return {layer.site: int((layer.lora_lam * layer.active).ne(0).sum()) for layer in layers}
 
 

@@ -142,6 +142,7 @@ def test_reserves_train_with_lam_frozen():
             moments = run.optimizer.state[layer.lora_lam]
             assert moments["exp_avg"][r] == 0 and moments["exp_avg_sq"][r] == 0, (step, k)
             assert torch.all(lam[r + 1:] == 0)                # beyond the reserve: untouched
+            assert not moments["exp_avg"][r + 1:].any() and not moments["exp_avg_sq"][r + 1:].any()
             A0, B0 = init[k]
             assert torch.equal(layer.lora_A.detach()[r + 1:], A0[r + 1:])
             assert torch.equal(layer.lora_B.detach()[:, r + 1:], B0[:, r + 1:])
@@ -223,10 +224,9 @@ def test_restarted_warmup_scales_new_components_updates():
             torch.testing.assert_close(layer.lora_B.detach(), B0 - lr * gB * f_ab[None, :], rtol=1e-5, atol=1e-7)
             lam_expected = lam0 - lr * glam * f_lam
             old_rank = state["ranks"][k]
-            if old_rank < layer.r_max:  # the reserve's lam had no gradient
-                lam_expected[old_rank] = lam0[old_rank]
-            if run.method.growing and new_ranks[k] < layer.r_max:  # the (new) reserve's lam: reserve_lam
-                lam_expected[new_ranks[k]] = RESERVE_LAM
+            lam_expected[old_rank:] = lam0[old_rank:]  # the reserve's lam and those beyond it had no gradient
+            if new_ranks[k] < layer.r_max:  # the (new) reserve's lam: reserve_lam; 0 once growth is over
+                lam_expected[new_ranks[k]] = RESERVE_LAM if run.method.growing else 0.0
             torch.testing.assert_close(layer.lora_lam.detach(), lam_expected, rtol=1e-5, atol=1e-9)
             for i in range(old_rank, new_ranks[k]):  # activated at this step; the next one is a fresh reserve
                 lam_since[(k, i)] = step

@@ -43,3 +43,23 @@ def test_forward_and_gradients_equal_the_dense_update(gated, inactive):
         assert (layer.lora_lam.grad[inactive] == 0).all()
     else:
         assert layer.lora_lam.grad is None
+
+
+def test_lam_zero_where_off_skips_active_in_the_forward():
+    """A method that keeps lam at 0 where a component is off (IncreLoRA) lets the forward skip `active`: the
+    same output as the masked forward, and lam's gradient there is left for the method to zero."""
+    masked, trusting = _layer(True, [1, 3]), _layer(True, [1, 3])
+    for layer in (masked, trusting):
+        with torch.no_grad():
+            layer.lora_lam[[1, 3]] = 0.0
+    trusting.lam_zero_where_off = True
+    x = torch.randn(3, 7, 6)
+    out_masked, out_trusting = masked(x), trusting(x)
+    assert torch.allclose(out_masked, out_trusting, rtol=1e-6, atol=1e-6)
+    out_masked.square().sum().backward()
+    out_trusting.square().sum().backward()
+    assert torch.allclose(masked.lora_A.grad, trusting.lora_A.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(masked.lora_B.grad, trusting.lora_B.grad, rtol=1e-5, atol=1e-6)
+    keep = masked.active.bool()
+    assert torch.allclose(masked.lora_lam.grad[keep], trusting.lora_lam.grad[keep], rtol=1e-5, atol=1e-6)
+    assert (masked.lora_lam.grad[~keep] == 0).all() and (trusting.lora_lam.grad[~keep] != 0).all()

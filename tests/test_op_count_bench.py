@@ -80,22 +80,24 @@ def autocast_counts(bench):
 
 def test_under_bf16_autocast_lora_launches_fewer_than_peft_lora(bench, autocast_counts):
     """With the forward under bf16 autocast (a GPU run's casts), our LoRA launches fewer kernels per module than
-    PEFT's LoRA, and no more per step (measured 4 Dec 2026: 25.3 per module against 26.7)."""
+    PEFT's LoRA, and no more per step (measured 4 Dec 2026: 24.3 per module against 26.7, with the scale applied
+    as the output addition's alpha; 25.3 with a product of its own)."""
     _, summary = bench.table(autocast_counts, (2, 4))
-    assert summary["lora"]["launches_per_module"] < summary["peft_lora"]["launches_per_module"]
+    assert summary["lora"]["launches_per_module"] <= summary["peft_lora"]["launches_per_module"] - 2
     for modules in (12, 24):
         assert summary["lora"]["launches_per_step"][modules] <= summary["peft_lora"]["launches_per_step"][modules]
 
 
-LAUNCH_CEILINGS = {"adalora": 4, "sora": 4, "increlora": 5.5, "prilora": 3}
+LAUNCH_CEILINGS = {"adalora": 4, "sora": 4, "increlora": 4, "prilora": 3}
 
 
 def test_under_bf16_autocast_the_gain_costs_four_launches_per_module(bench, autocast_counts):
     """A GPU step of a large model with a frozen base is bound by the host issuing kernels (one H200, the 1.1B
     Llama: ~33 us per launch, bench/gpu_step_profile.py), so launches per adapted module are what a method costs.
-    With lam's gain folded into B the adaptive methods launch at most these many more per module than our LoRA
-    (measured 4 Dec 2026: AdaLoRA 4.0, SoRA 4.0, IncreLoRA 5.1, PRILoRA 2.5; with the gain on the (tokens x r)
-    product and PRILoRA's statistics on a float32 copy of each input: 7.0, 7.0, 8.1 and 3.8)."""
+    With lam folded into B the adaptive methods launch at most these many more per module than our LoRA
+    (measured 4 Dec 2026: AdaLoRA 4.0, SoRA 4.0, IncreLoRA 3.5 once its forward skipped `active`, PRILoRA 2.5;
+    with the gain on the (tokens x r) product and PRILoRA's statistics on a float32 copy of each input: 7.0, 7.0,
+    8.1 and 3.8)."""
     _, summary = bench.table(autocast_counts, (2, 4))
     for name, ceiling in LAUNCH_CEILINGS.items():
         assert summary[name]["extra_launches_per_module"] <= ceiling, (name, summary[name]["extra_launches_per_module"])

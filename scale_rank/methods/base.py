@@ -11,24 +11,8 @@ from ..config import MethodConfig
 from ..inject import Site
 from ..layer import AdaptiveLoRALayer
 from ..shards import ShardAccess
+from ..versioned import DerivedFrom
 from .hooks import LayerHooks, OrthogonalityRegularizer
-
-
-class DerivedFrom:
-    """A value computed from a tensor and kept until that tensor is replaced or edited in place (every in-place
-    edit bumps its version counter). It holds the tensor itself, so a new tensor cannot pass for the old one."""
-
-    def __init__(self, compute):
-        self.compute = compute
-        self.source: torch.Tensor | None = None
-        self.version = -1
-        self.value = None
-
-    def of(self, tensor: torch.Tensor):
-        if tensor is not self.source or tensor._version != self.version:
-            self.value = self.compute(tensor)
-            self.source, self.version = tensor, tensor._version
-        return self.value
 
 
 class Method:

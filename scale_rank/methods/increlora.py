@@ -19,7 +19,8 @@ from ..config import ConfigError, IncreLoRAConfig
 from ..importance import SensitivityTracker, adapter_params
 from ..layer import AdaptiveLoRALayer
 from ..schedules import even_interval, restarted_warmup
-from .base import DerivedFrom, Method, edit_local
+from ..versioned import DerivedFrom
+from .base import Method, edit_local
 from .hooks import DenseGradient
 
 
@@ -58,6 +59,7 @@ class IncreLoRA(Method):
             layer.active.zero_()
             layer.active[:self.r_start + self.incre_rank] = 1.0
         layer.scale.fill_(cfg.alpha / self.r_start)
+        layer.lam_zero_where_off = True  # lam is 0 beyond the reserves, and only allocated lam gets a gradient
 
     def bind(self, layers, access, comm) -> None:
         super().bind(layers, access, comm)
@@ -70,9 +72,10 @@ class IncreLoRA(Method):
         self.mask = (layout.position < self.r_start).float()
         self.reserve = ((layout.position >= self.r_start)
                         & (layout.position < self.r_start + self.incre_rank)).float()
-        # the reserve mask and its complement per module on the adapters' device, copied again only when the
-        # reserve changes: a host-to-device copy in every step would wait for the GPU each time
+        # per module on the adapters' device, copied again only when they change (a host-to-device copy in every
+        # step would wait for the GPU each time): the reserve mask and its complement, and the allocation mask
         self._reserve_parts = DerivedFrom(lambda reserve: (self._per_module(reserve), self._per_module(1 - reserve)))
+        self._mask_parts = DerivedFrom(self._per_module)
         # restarted warmups (0: none): lam from its activation, A and B from becoming a reserve at a growth event
         self.warm_since = {"lam": torch.zeros(layout.n_components, dtype=torch.long),
                            "factors": torch.zeros(layout.n_components, dtype=torch.long)}
@@ -92,6 +95,7 @@ class IncreLoRA(Method):
         step without a decision reads no tensor back to the host."""
         self.total_rank = int(self.rank.sum())
         self.reserve_modules = [k for k, part in enumerate(self.layout.split(self.reserve)) if bool(part.any())]
+        self.partial_modules = [k for k, part in enumerate(self.layout.split(self.mask)) if not bool(part.all())]
         self.warm_until = {group: {} for group in self.warm_since}  # group -> {module: first step at full pace}
         for group, since in self.warm_since.items():
             for k, part in enumerate(self.layout.split(since)):
@@ -115,8 +119,8 @@ class IncreLoRA(Method):
         return self.target_total
 
     def before_step(self, step: int) -> None:
-        if self.reserve_modules:
-            self._freeze_reserve_lam_grads()
+        if self.partial_modules:
+            self._freeze_unallocated_lam_grads()
         self._snapshot = self._snapshot_warming(step)
         if self.growing:
             if self.config.score == "dense":
@@ -124,22 +128,23 @@ class IncreLoRA(Method):
             else:
                 self.tracker.update(self.grad_factor)
 
-    def _freeze_reserve_lam_grads(self) -> None:
-        """Reserve lam gets no gradient, so its optimizer moments are still zero when it is activated."""
-        if self.access.stores_whole:  # the gradients themselves, one foreach product for all reserve modules
-            _, keeps = self._reserve_parts.of(self.reserve)
-            pairs = [(self.layers[k].lora_lam.grad, keeps[k]) for k in self.reserve_modules
+    def _freeze_unallocated_lam_grads(self) -> None:
+        """lam trains only on allocated components: a reserve's lam gets no gradient (so its optimizer moments
+        are still zero when it is activated), nor does the lam of a component beyond the reserves, which stays 0
+        and keeps the component out of the forward."""
+        if self.access.stores_whole:  # the gradients themselves, one foreach product for all such modules
+            keeps = self._mask_parts.of(self.mask)
+            pairs = [(self.layers[k].lora_lam.grad, keeps[k]) for k in self.partial_modules
                      if self.layers[k].lora_lam.grad is not None]
             if pairs:
                 torch._foreach_mul_(*map(list, zip(*pairs)))
             return
-        reserves = self.layout.split(self.reserve)
-        for k in self.reserve_modules:
+        masks = self.layout.split(self.mask)
+        for k in self.partial_modules:
             layer = self.layers[k]
             local = self.access.storage(layer.lora_lam)
             if local.grad is not None:
-                keep = 1 - reserves[k].to(local.grad.device, local.grad.dtype)[local.start:local.end]
-                local.grad.mul_(keep)
+                local.grad.mul_(masks[k].to(local.grad.device, local.grad.dtype)[local.start:local.end])
                 self.access.write(layer.lora_lam, local)
 
     def partial_sums(self, step: int) -> torch.Tensor | None:
@@ -209,6 +214,8 @@ class IncreLoRA(Method):
             if reserve_end == new_rank and k in self.reserve_modules:
                 self.reserve_modules.remove(k)
             self.rank[k] = new_rank
+            if new_rank == capacity and k in self.partial_modules:
+                self.partial_modules.remove(k)
             self.total_rank += gained
             layer = self.layers[k]
             layer.active[:reserve_end] = 1.0
@@ -243,14 +250,16 @@ class IncreLoRA(Method):
 
     def _reset_reserves(self) -> None:
         """Reserve lam stays frozen at reserve_lam (their A and B train)."""
-        value = self.config.reserve_lam
-        if self.access.stores_whole and self.reserve_modules:  # lam (1 - reserve) + reserve value, foreach
-            parts, _ = self._reserve_parts.of(self.reserve)
+        self._set_reserve_lam(self.config.reserve_lam)
+
+    def _set_reserve_lam(self, value: float) -> None:
+        """lam = value on every reserve component (lam x (1 - reserve) + value x reserve)."""
+        if self.access.stores_whole and self.reserve_modules:  # foreach over the modules with a reserve
+            parts, keeps = self._reserve_parts.of(self.reserve)
             lams = [self.layers[k].lora_lam for k in self.reserve_modules]
-            parts = [parts[k] for k in self.reserve_modules]
             with torch.no_grad():
-                torch._foreach_mul_(lams, torch._foreach_add(torch._foreach_neg(parts), 1.0))
-                torch._foreach_add_(lams, torch._foreach_mul(parts, value))
+                torch._foreach_mul_(lams, [keeps[k] for k in self.reserve_modules])
+                torch._foreach_add_(lams, [parts[k] for k in self.reserve_modules], alpha=value)
             return
         reserves = self.layout.split(self.reserve)
         for k in self.reserve_modules:
@@ -270,6 +279,7 @@ class IncreLoRA(Method):
     def _drop_reserves(self) -> None:
         """When growth is over: reserves leave the model, which then has exactly the allocated ranks (so an
         export from then on holds no reserve)."""
+        self._set_reserve_lam(0.0)
         for layer, reserve in zip(self.layers, self.layout.split(self.reserve)):
             layer.active.mul_(1 - reserve.to(layer.active.device, layer.active.dtype))
         self.reserve.zero_()

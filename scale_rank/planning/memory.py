@@ -22,8 +22,8 @@ bytes, a adapter bytes):
   adapter ranks     r a per adapted layer (lora_B's input)
 The first block's input norm saves nothing (frozen embeddings need no gradient). Outside the blocks: the final
 norm (4h + 4) and int64 targets (8) per token, and the rotary cos / sin tables (2 s head_dim p). Per adapted
-layer, independent of tokens: where lam trains, its gain scale * lam (r a) and B with the gain folded in (d_out r a,
-what the second product saves for its input's gradient) and the orthogonality regularizer's tensors (block_bytes).
+layer, independent of tokens: where lam trains, B with lam folded in (d_out r a, what the second product saves
+for its input's gradient) and the orthogonality regularizer's tensors (block_bytes).
 Full checkpointing (Korthikanti: 2sbh per layer plus one layer rebuilt in backward) keeps each block's input,
 h p per token.
 The loss: transformers upcasts the logits to float32 and log_softmax saves its float32 output (4 bytes per
@@ -269,13 +269,13 @@ def activations(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs) 
 
 def block_bytes(geometry: ModelGeometry, plan: AdapterPlan, inputs: PlanInputs, layer: int) -> int:
     """What block `layer` saves for one micro-batch: per-token terms plus, per adapted layer where lam trains,
-    its gain scale * lam (* active) (r a; `AdaptiveLoRALayer.gain`) and B times the gain (d_out r a; plain LoRA
-    scales the product by the scale buffer itself) and, with the orthogonality regularizer (gamma > 0), its two
-    r x r float32 residuals (A and B themselves are parameters)."""
+    B times lam (d_out r a; `AdaptiveLoRALayer.gate_factor`: lam itself is a parameter, and the scale is the
+    output addition's alpha) and, with the orthogonality regularizer (gamma > 0), its two r x r float32 residuals
+    (A and B themselves are parameters)."""
     sites = [site for site in plan.sites if site.linear.layer_index == layer and site.linear.in_block]
     fixed = 0
     if plan.lam_trains:
-        fixed += sum(site.rank * (1 + site.linear.d_out) for site in sites) * inputs.adapter_bytes
+        fixed += sum(site.rank * site.linear.d_out for site in sites) * inputs.adapter_bytes
     if plan.method.resolved_gamma() > 0:
         fixed += sum(8 * site.rank ** 2 for site in sites)
     return sum(layer_terms(geometry, plan, inputs, layer).values()) * inputs.tokens + fixed
