@@ -139,12 +139,12 @@ class IncreLoRA(Method):
             if pairs:
                 torch._foreach_mul_(*map(list, zip(*pairs)))
             return
-        masks = self.layout.split(self.mask)
+        keeps = self._mask_parts.of(self.mask)
         for k in self.partial_modules:
             layer = self.layers[k]
             local = self.access.storage(layer.lora_lam)
             if local.grad is not None:
-                local.grad.mul_(masks[k].to(local.grad.device, local.grad.dtype)[local.start:local.end])
+                local.grad.mul_(keeps[k][local.start:local.end].to(local.grad.device, local.grad.dtype))
                 self.access.write(layer.lora_lam, local)
 
     def partial_sums(self, step: int) -> torch.Tensor | None:
@@ -261,15 +261,11 @@ class IncreLoRA(Method):
                 torch._foreach_mul_(lams, [keeps[k] for k in self.reserve_modules])
                 torch._foreach_add_(lams, [parts[k] for k in self.reserve_modules], alpha=value)
             return
-        reserves = self.layout.split(self.reserve)
+        parts, keeps = self._reserve_parts.of(self.reserve)
         for k in self.reserve_modules:
-            layer = self.layers[k]
-            reserve = reserves[k].to(layer.lora_lam.device, layer.lora_lam.dtype)
-
-            def freeze(local, reserve=reserve):
-                part = reserve[local.start:local.end]
-                local.values.mul_(1 - part).add_(part * value)
-            edit_local(self.access, layer.lora_lam, freeze)
+            def freeze(local, part=parts[k], keep=keeps[k]):
+                local.values.mul_(keep[local.start:local.end]).add_(part[local.start:local.end], alpha=value)
+            edit_local(self.access, self.layers[k].lora_lam, freeze)
 
     def _per_module(self, values: torch.Tensor) -> list[torch.Tensor]:
         """A per-component host vector moved to the adapters' device and split per module (views)."""
