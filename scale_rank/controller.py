@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .comm import Collective
+from .gates import BatchedGates
 from .inject import adapter_layers
 from .methods.base import Method
 from .shards import ShardAccess, WholeTensorAccess
@@ -36,6 +37,9 @@ class RankController:
         self.comm = comm or Collective()
         self.access = access or WholeTensorAccess(self.comm.rank, self.comm.world_size)
         method.bind(self.layers, self.access, self.comm)
+        # one process, DDP: every gated layer's B x gate in one operation per forward (FSDP, ZeRO-3 hold a
+        # layer's parameters only around its own forward: there each layer gates its B itself)
+        self.gates = BatchedGates(model, self.layers) if self.access.stores_whole else None
         self.step_count = 0
         self.history: list[dict] = []
         self._pending: tuple[int, torch.Tensor | None] | None = None
@@ -123,8 +127,10 @@ class RankController:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def close(self) -> None:
-        """Detach from the model: remove the forgotten-call hook and the method's hooks on the layers."""
+        """Detach from the model: remove the forgotten-call hook, the batched gates and the method's hooks."""
         self._hook.remove()
+        if self.gates is not None:
+            self.gates.remove()
         self.method.remove_hooks()
 
     def guard(self, optimizer: torch.optim.Optimizer):

@@ -40,6 +40,12 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def records_plain_graph() -> bool:
+    """True in a forward that records gradients outside activation checkpointing (and any saved-tensor hooks)."""
+    return (torch.is_grad_enabled() and not in_backward()
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
+
+
 def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
@@ -75,6 +81,7 @@ class AdaptiveLoRALayer(nn.Module):
         self.lam_zero_where_off = False  # True: the method keeps lam and its gradient 0 where `active` is 0
         self.method = ""
         self.merged = False
+        self.batched_B: torch.Tensor | None = None  # B x gate made for this forward with every layer's (gates.py)
         self._kept = DerivedFrom(lambda on: None if bool(on.bool().all()) else on.bool().nonzero().flatten())
         self._scale_value = DerivedFrom(float)
 
@@ -117,7 +124,7 @@ class AdaptiveLoRALayer(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself,
             x_in = x_in.to(A.dtype)  # and no float32 copy of the activation is made and saved
         if self.gated:  # the gate folded into B (d_out x r_max): no operation on the (tokens x r_max) product
-            B = B * self.gate_factor()
+            B = self.batched_B if self.batched_B is not None and records_plain_graph() else B * self.gate_factor()
         delta = (x_in @ A.t()) @ B.t()
         return torch.add(out, delta.to(out.dtype), alpha=self.scale_value())
 

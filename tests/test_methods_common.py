@@ -201,8 +201,9 @@ def _hook_counts(layers) -> list[tuple[int, int]]:
 ])
 def test_methods_install_their_hooks_at_bind_and_remove_them_at_close(name, options, per_layer, regularized):
     """adapt() leaves plain layers; the controller's bind installs the method's hooks (in one process the
-    regularizer is one forward hook, on the first layer, for all layers); close() removes them, after which
-    the adapted model computes the same output as before the controller existed."""
+    regularizer is one forward hook, on the first layer, for all layers) and, for gated layers, the batched
+    gates on the model; close() removes them, after which the adapted model computes the same output as before
+    the controller existed."""
     import scale_rank as sr
     from scale_rank.inject import adapter_layers
     from tests.support.methods import tiny_bert
@@ -215,9 +216,12 @@ def test_methods_install_their_hooks_at_bind_and_remove_them_at_close(name, opti
     controller = sr.RankController(model, method)
     pre, post = per_layer
     assert _hook_counts(layers) == [(pre, post + (regularized and k == 0)) for k in range(len(layers))]
+    gated = name not in ("lora", "prilora")
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == (1 + gated, int(gated))
     model(input_ids=ids).logits.sum().backward()
     controller.close()
     assert set(_hook_counts(layers)) == {(0, 0)}
+    assert not model._forward_pre_hooks and not model._forward_hooks
     assert torch.equal(model(input_ids=ids).logits.detach(), plain)
 
 

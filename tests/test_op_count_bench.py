@@ -88,16 +88,16 @@ def test_under_bf16_autocast_lora_launches_fewer_than_peft_lora(bench, autocast_
         assert summary["lora"]["launches_per_step"][modules] <= summary["peft_lora"]["launches_per_step"][modules]
 
 
-LAUNCH_CEILINGS = {"adalora": 4, "sora": 4, "increlora": 4, "prilora": 3}
+LAUNCH_CEILINGS = {"adalora": 0.5, "sora": 0.5, "increlora": 0.5, "prilora": 3}
 
 
-def test_under_bf16_autocast_the_gain_costs_four_launches_per_module(bench, autocast_counts):
+def test_under_bf16_autocast_the_adaptive_methods_launch_what_lora_launches_per_module(bench, autocast_counts):
     """A GPU step of a large model with a frozen base is bound by the host issuing kernels (one H200, the 1.1B
     Llama: ~33 us per launch, bench/gpu_step_profile.py), so launches per adapted module are what a method costs.
-    With lam folded into B the adaptive methods launch at most these many more per module than our LoRA
-    (measured 4 Dec 2026: AdaLoRA 4.0, SoRA 4.0, IncreLoRA 3.5 once its forward skipped `active`, PRILoRA 2.5;
-    with the gain on the (tokens x r) product and PRILoRA's statistics on a float32 copy of each input: 7.0, 7.0,
-    8.1 and 3.8)."""
+    With every layer's B x lam made in one operation per forward (scale_rank.gates) the gated methods launch no
+    more per module than our LoRA, and PRILoRA its input statistics (measured 4 Dec 2026 evening: AdaLoRA 0.0,
+    SoRA 0.0, IncreLoRA -0.2, PRILoRA 2.5; with B x lam in each layer: 4.0, 4.0, 3.8; before lam was folded into
+    B: 7.0, 7.0, 8.1 and 3.8)."""
     _, summary = bench.table(autocast_counts, (2, 4))
     for name, ceiling in LAUNCH_CEILINGS.items():
         assert summary[name]["extra_launches_per_module"] <= ceiling, (name, summary[name]["extra_launches_per_module"])
