@@ -292,12 +292,14 @@ class IncreLoRA(Method):
             return None
         factors = {group: restarted_warmup(step, since, self.warmup_length)
                    for group, since in self.warm_since.items()}
-        saved = {}
-        for kind, group in WARM_GROUP.items():
-            for k in warming[group]:
-                local = self.access.storage(adapter_params(self.layers[k])[kind])
-                saved[(k, kind)] = (local.values.clone(), local.start, local.end)
-        return {"factors": factors, "saved": saved} if saved else None
+        slices = {(k, kind): self.access.storage(adapter_params(self.layers[k])[kind])
+                  for kind, group in WARM_GROUP.items() for k in warming[group]}
+        if not slices:
+            return None
+        olds = [torch.empty_like(local.values) for local in slices.values()]
+        torch._foreach_copy_(olds, [local.values for local in slices.values()])  # one copy for all of them
+        saved = {key: (old, local.start, local.end) for (key, local), old in zip(slices.items(), olds)}
+        return {"factors": factors, "saved": saved}
 
     def _finish_warming(self, step: int) -> None:
         """Scale this step's update of warming components: new = old + factor * (new - old)."""
@@ -305,15 +307,25 @@ class IncreLoRA(Method):
             return
         factors, saved = self._snapshot["factors"], self._snapshot["saved"]
         per_element = []
-        for (k, kind), (_, start, end) in saved.items():
+        for (k, kind), (old, start, end) in saved.items():
             layer = self.layers[k]
             ids = self.layout.component_index(kind, k, start, end, layer.r_max, layer.d_in)
-            per_element.append(factors[WARM_GROUP[kind]][ids])
-        device = next(iter(saved.values()))[0].device
-        for ((k, kind), (old, _, _)), factor in zip(saved.items(), copy_to_device(per_element, device)):
-            def blend(local, old=old, factor=factor.to(old.dtype)):
-                local.values.copy_(old + factor * (local.values - old))
-            edit_local(self.access, adapter_params(self.layers[k])[kind], blend)
+            per_element.append(factors[WARM_GROUP[kind]][ids].to(old.dtype))
+        olds = [old for old, _, _ in saved.values()]
+        per_element = copy_to_device(per_element, olds[0].device)
+        params = [adapter_params(self.layers[k])[kind] for k, kind in saved]
+        if self.access.stores_whole:  # the parameters themselves: one foreach operation per step of the blend
+            news = [param.detach().view(-1) for param in params]
+            with torch.no_grad():
+                steps = torch._foreach_sub(news, olds)
+                torch._foreach_mul_(steps, per_element)
+                torch._foreach_add_(olds, steps)
+                torch._foreach_copy_(news, olds)
+        else:
+            for param, old, factor in zip(params, olds, per_element):
+                def blend(local, old=old, factor=factor):
+                    local.values.copy_(old + factor * (local.values - old))
+                edit_local(self.access, param, blend)
         self._snapshot = None
 
     # -- state -----------------------------------------------------------------------------------
